@@ -1,0 +1,261 @@
+"""Configuration: one dataclass per part, presets, JSON/YAML round-trip and `key=value` overrides.
+
+A model reference (`name` fields) is a Hugging Face hub id, a local folder, or an offline-bundle name
+(`bundle:<name>`, see `qvlm.bundle`). When `random_init` is set, the part is built with random weights
+from that transformers config dict instead (the `tiny` preset; speed benchmarks at the `paper` sizes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message says which key and what is allowed."""
+
+
+@dataclass
+class VisionConfig:
+    name: str = "google/vit-base-patch16-224"
+    # Input side in pixels; None keeps the backbone's own. ViT/DINOv2 interpolate position embeddings.
+    image_size: int | None = None
+    random_init: dict | None = None
+
+
+@dataclass
+class QFormerConfig:
+    name: str = "distilbert-base-uncased"  # BERT-family encoder whose embeddings and layers are copied
+    random_init: dict | None = None
+    num_queries: int = 32
+    cross_every: int = 2  # a cross-attention block after every `cross_every`-th layer
+    separate_query_ffn: bool = False  # BLIP-2 gives queries their own feed-forward (copied from text's)
+    embed_dim: int = 256  # ITC projection width
+    itc_pooling: str = "mean_cls"  # "mean_cls" (article: mean of queries vs [CLS]) or "max" (BLIP-2)
+    temperature: float = 0.07
+    learn_temperature: bool = False
+    max_text_len: int = 32
+
+
+@dataclass
+class LMConfig:
+    name: str = "HuggingFaceTB/SmolLM-135M-Instruct"
+    random_init: dict | None = None
+    tokenizer: str | None = None  # defaults to `name`
+    dtype: str = "float32"  # weights of the frozen LM: float32 | bfloat16 | float16
+    adapter_hidden: int | None = None  # None: the LM width (article: Linear(Dq→Dlm)→ReLU→Linear(Dlm→Dlm))
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lora_dropout: float = 0.1
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Where the Nq image embeddings go inside the user turn: "before" or "after" the text.
+    image_position: str = "before"
+    system_prompt: str | None = None  # None: no system turn (shorter sequences train faster)
+
+
+@dataclass
+class Stage1Config:
+    epochs: int = 10
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr_pretrained: float = 1e-5  # copied text layers and embeddings
+    lr_new: float = 1e-4  # queries, cross-attention, heads
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    itc_weight: float = 1.0
+    itm_weight: float = 0.0
+    itg_weight: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class Stage2Config:
+    epochs: int = 5
+    batch_size: int = 8
+    grad_accum: int = 4
+    lr_qformer: float = 1e-4
+    lr_adapter_lora: float = 5e-4
+    train_qformer: bool = True
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    max_steps: int | None = None
+    grad_clip: float = 1.0
+    max_answer_tokens: int = 48
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    save_every: int = 500
+    num_workers: int = 0
+    feature_cache: str | None = None  # folder for cached patch features; None: under the run folder
+    max_bad_fraction: float = 0.05  # stop if more than this share of samples cannot be decoded
+
+
+@dataclass
+class QVLMConfig:
+    preset: str = "paper"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QVLMConfig:
+        return _from_dict(cls, data, prefix="")
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False) if path.suffix in (".yaml", ".yml") else (
+            json.dumps(self.to_dict(), indent=2) + "\n"
+        )
+        path.write_text(text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> QVLMConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid JSON/YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping at the top level")
+        return cls.from_dict(data)
+
+    def override(self, assignments: list[str]) -> QVLMConfig:
+        """Apply `section.key=value` strings (values parsed as YAML: 1e-4, true, [a, b], null)."""
+        data = self.to_dict()
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+            *parents, leaf = key.strip().split(".")
+            node = data
+            for i, part in enumerate(parents):
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown config section {'.'.join(parents[: i + 1])!r} in {item!r}")
+                node = node[part]
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        return QVLMConfig.from_dict(data)
+
+
+def _from_dict(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(known)}"
+        )
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _from_dict(hint, value, prefix + name + ".")
+        else:
+            kwargs[name] = _check_type(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    """Coerce ints to floats where a float is expected; reject values of the wrong kind."""
+    text = str(hint)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    if hint is float or text.startswith("float"):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is bool or text.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+    elif hint is int or text.startswith("int"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is str or text.startswith("str"):
+        if isinstance(value, str):
+            return value
+    elif "list" in text:
+        if isinstance(value, list):
+            return value
+    elif "dict" in text:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{key} expects {text.replace('typing.', '')}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Presets (DESIGN.md §2)
+
+# Architecture of the `tiny` preset's random backbones: small enough that the whole test suite trains
+# real models in seconds on a CPU.
+TINY_VISION = {"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+               "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+TINY_TEXT = {"model_type": "bert", "vocab_size": 262, "hidden_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}
+TINY_LM = {"model_type": "llama", "vocab_size": 262, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 256, "tie_word_embeddings": True}
+
+
+def _paper() -> QVLMConfig:
+    return QVLMConfig(preset="paper")
+
+
+def _offline() -> QVLMConfig:
+    return QVLMConfig(
+        preset="offline",
+        vision=VisionConfig(name="bundle:dinov2-small", image_size=112),
+        qformer=QFormerConfig(name="bundle:all-minilm-l6-v2", num_queries=8, separate_query_ffn=True,
+                              itc_pooling="max", learn_temperature=True),
+        lm=LMConfig(name="bundle:smollm2-135m-instruct", lora_r=16, lora_alpha=32, lora_dropout=0.05),
+        stage1=Stage1Config(epochs=1, batch_size=64, lr_pretrained=5e-5, lr_new=5e-4, warmup_steps=20,
+                            itg_weight=1.0),
+        stage2=Stage2Config(epochs=1, batch_size=16, grad_accum=1, lr_adapter_lora=1e-3, warmup_steps=20,
+                            max_answer_tokens=8),
+    )
+
+
+def _tiny() -> QVLMConfig:
+    return QVLMConfig(
+        preset="tiny",
+        vision=VisionConfig(name="tiny-vit", random_init=dict(TINY_VISION)),
+        qformer=QFormerConfig(name="tiny-bert", random_init=dict(TINY_TEXT), num_queries=4, embed_dim=16,
+                              max_text_len=24),
+        lm=LMConfig(name="tiny-llama", random_init=dict(TINY_LM), lora_r=4, lora_alpha=8, lora_dropout=0.0),
+        stage1=Stage1Config(epochs=1, batch_size=8, lr_pretrained=1e-3, lr_new=1e-3, warmup_steps=0),
+        stage2=Stage2Config(epochs=1, batch_size=4, grad_accum=1, lr_qformer=1e-3, lr_adapter_lora=3e-3,
+                            warmup_steps=0, max_answer_tokens=16),
+        train=TrainConfig(log_every=1, eval_every=50, save_every=50),
+    )
+
+
+PRESETS = {"paper": _paper, "offline": _offline, "tiny": _tiny}
+
+
+def get_preset(name: str) -> QVLMConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,1 @@
+"""Data: readers, robust decoding, feature cache, datasets, collators."""

@@ -1,0 +1,139 @@
+"""Collators for both stages and a length-grouped batch sampler.
+
+Items that failed to decode arrive as None and are dropped here, so one bad image costs one sample,
+not the run.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+
+
+def normalise_caption(text: str) -> str:
+    """Lower-case, strip, collapse whitespace: "A  Red Circle " == "a red circle"."""
+    return " ".join(text.lower().split())
+
+
+def same_caption_matrix(captions: Sequence[str]) -> torch.Tensor:
+    """bool `[B, B]`: True where captions i and j are equal after `normalise_caption` (diagonal True).
+
+    In a contrastive batch these pairs are extra positives, not negatives (easy-VQA has only 24
+    distinct captions, so repeats in a batch are the rule).
+    """
+    ids: dict[str, int] = {}
+    codes = torch.tensor([ids.setdefault(normalise_caption(c), len(ids)) for c in captions])
+    return codes[:, None] == codes[None, :]
+
+
+def _same_key_matrix(keys: Sequence[str]) -> torch.Tensor:
+    ids: dict[str, int] = {}
+    codes = torch.tensor([ids.setdefault(k, len(ids)) for k in keys])
+    return codes[:, None] == codes[None, :]
+
+
+def _stack_image(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """features `[B, P, Dv]` or pixel_values `[B, 3, H, W]`, whichever the items carry."""
+    name = "features" if "features" in items[0] else "pixel_values"
+    return {name: torch.stack([item[name] for item in items])}
+
+
+class Stage1Collator:
+    """Batch for contrastive alignment.
+
+    Returns {features | pixel_values, captions: list[str], image_keys: list[str],
+    same_caption: bool [B, B], same_image: bool [B, B]}. `same_image` marks two captions of one image
+    in the batch; a loss that wants every true positive uses `same_caption | same_image`.
+    """
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        items = [item for item in items if item is not None]
+        if not items:
+            return {}
+        captions = [item["caption"] for item in items]
+        keys = [item["image_key"] for item in items]
+        return {**_stack_image(items), "captions": captions, "image_keys": keys,
+                "same_caption": same_caption_matrix(captions), "same_image": _same_key_matrix(keys)}
+
+
+class Stage2Collator:
+    """Batch for instruction tuning: token tensors from `sequences.build_stage2_batch` plus the image.
+
+    Returns {features | pixel_values, input_ids [B, L], attention_mask [B, L], image_mask [B, L],
+    labels [B, L], prompts, answers (the target), references (all answers), answer_types, image_keys}.
+    """
+
+    def __init__(self, tokenizer: Any, num_queries: int, image_position: str = "before",
+                 system_prompt: str | None = None, max_answer_tokens: int | None = None,
+                 build_batch: Any = None):
+        """`build_batch` replaces `build_stage2_batch` (tests); same signature."""
+        self.tokenizer = tokenizer
+        self.num_queries = num_queries
+        self.image_position = image_position
+        self.system_prompt = system_prompt
+        self.max_answer_tokens = max_answer_tokens
+        if build_batch is None:
+            from qvlm.data.sequences import build_stage2_batch as build_batch
+        self.build_batch = build_batch
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        items = [item for item in items if item is not None]
+        if not items:
+            return {}
+        prompts = [item["prompt"] for item in items]
+        answers = [item["answer"] for item in items]
+        tokens = self.build_batch(self.tokenizer, prompts, answers, self.num_queries,
+                                  image_position=self.image_position, system_prompt=self.system_prompt,
+                                  max_answer_tokens=self.max_answer_tokens)
+        return {**_stack_image(items), **tokens, "prompts": prompts, "answers": answers,
+                "references": [item.get("answers") or [item["answer"]] for item in items],
+                "answer_types": [item.get("answer_type") for item in items],
+                "image_keys": [item["image_key"] for item in items]}
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of similar length, in random order: less padding, same randomness across epochs.
+
+    Indices are shuffled, cut into mega-batches of `mega_batch_mult × batch_size`, sorted by length
+    (longest first) inside each, cut into batches; then the batch order is shuffled. Seeded by
+    (seed, epoch); call `set_epoch` each epoch.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, mega_batch_mult: int = 50, seed: int = 0,
+                 drop_last: bool = False, shuffle: bool = True):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.mega = max(1, mega_batch_mult) * batch_size
+        self.seed, self.epoch = seed, 0
+        self.drop_last, self.shuffle = drop_last, shuffle
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(order)
+        batches: list[list[int]] = []
+        for start in range(0, len(order), self.mega):
+            mega = sorted(order[start:start + self.mega], key=lambda i: -self.lengths[i])
+            batches.extend(mega[i:i + self.batch_size] for i in range(0, len(mega), self.batch_size))
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        # Short batches can close every mega-batch, so count them the way they are made.
+        return len(self.batches())

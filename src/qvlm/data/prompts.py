@@ -1,0 +1,36 @@
+"""User-turn texts for stage 2. The chat template and the image slot are applied by `sequences.py`.
+
+Caption records get a prompt drawn at random from `CAPTION_PROMPTS` (as the article does), so the model
+learns to caption whatever the wording; VQA records use the question itself.
+"""
+
+from __future__ import annotations
+
+import random
+
+CAPTION_PROMPTS: list[str] = [
+    "Describe this image.",
+    "What is shown in the picture?",
+    "Write a short caption for this image.",
+    "What do you see in this image?",
+    "Give a brief description of the picture.",
+    "Caption this image.",
+    "What does this image show?",
+    "Summarize the content of the image in one sentence.",
+]
+
+DEFAULT_CAPTION_PROMPT = CAPTION_PROMPTS[0]  # what `qvlm caption` asks at inference
+
+
+def sample_caption_prompt(rng: random.Random, prompts: list[str] | None = None) -> str:
+    """One caption prompt, drawn with the caller's seeded `rng` (reproducible runs)."""
+    return rng.choice(prompts or CAPTION_PROMPTS)
+
+
+def vqa_prompt(question: str) -> str:
+    """The user text for a question: the question itself, whitespace-normalised.
+
+    Kept bare on purpose: shorter prompts train faster (DESIGN.md §6) and an instruct LM already
+    answers questions; the answer format is learned from the answers.
+    """
+    return " ".join(question.split())

@@ -1,0 +1,426 @@
+"""Dataset records and the readers that produce them (DESIGN.md §3).
+
+`read_records(spec)` accepts:
+- a JSONL manifest (`*.jsonl`): `image` plus `caption` | `captions` | `question` + `answer`/`answers`,
+  optional `answer_type`; image paths relative to the manifest's folder;
+- a CSV/TSV table (`*.csv`, `*.tsv`) with the same columns (`captions`/`answers` as a JSON list or
+  `|`-separated);
+- WebDataset tar shards as img2dataset writes them (`dir/{00000..00099}.tar`, a single `.tar`, a glob,
+  or a folder of `.tar` files): `<key>.jpg` + `<key>.txt` and/or `<key>.json` with "caption";
+- a Hugging Face `datasets` folder (`save_to_disk` output) with an image column.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from torch.utils.data import IterableDataset
+
+from qvlm.data.images import DEFAULT_MAX_PIXELS, BadSample, DataError, SkipCounter, load_image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+T = TypeVar("T")
+
+
+@dataclass
+class Record:
+    """One sample: an image with its captions and/or one question about it.
+
+    Exactly one of `image_path` (absolute) and `image_bytes` (tar members, HF datasets) is set.
+    """
+
+    key: str  # stable id: "<manifest>:<line>", "<shard>/<member key>", "<dataset>:<row>"
+    image_path: str | None = None
+    image_bytes: bytes | None = None
+    captions: list[str] = field(default_factory=list)
+    question: str | None = None
+    answers: list[str] = field(default_factory=list)
+    answer_type: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # extra manifest fields (question_id, split, ...)
+    _hash: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def is_vqa(self) -> bool:
+        return self.question is not None
+
+    @property
+    def image_source(self) -> str | bytes:
+        return self.image_bytes if self.image_bytes is not None else (self.image_path or "")
+
+    def open_image(self, max_pixels: int | None = None):
+        """Decode the image to RGB (`PIL.Image`), or raise `BadSample`."""
+        return load_image(self.image_source, max_pixels or DEFAULT_MAX_PIXELS)
+
+    def read_image_bytes(self) -> bytes:
+        if self.image_bytes is not None:
+            return self.image_bytes
+        try:
+            return Path(self.image_path or "").read_bytes()
+        except FileNotFoundError as e:
+            raise BadSample("missing", str(self.image_path)) from e
+        except OSError as e:
+            raise BadSample("unreadable", f"{self.image_path}: {e}") from e
+
+    def content_hash(self) -> str:
+        """sha256 of the encoded image bytes: the image's identity in the feature cache."""
+        if self._hash is None:
+            self._hash = hashlib.sha256(self.read_image_bytes()).hexdigest()
+        return self._hash
+
+    def best_answer(self) -> str | None:
+        """The most common answer (ties: the first given), as VQAv2's multiple_choice_answer."""
+        if not self.answers:
+            return None
+        counts = Counter(self.answers)
+        return max(self.answers, key=lambda a: (counts[a], -self.answers.index(a)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def read_records(spec: str | Path, skips: SkipCounter | None = None) -> Iterator[Record]:
+    """Yield the records of a manifest, table, shard set or HF dataset folder (see module doc).
+
+    Malformed rows are skipped and counted in `skips` (reason "bad_record"); an unreadable or
+    unrecognised `spec` raises `DataError`.
+    """
+    spec = str(spec)
+    path = Path(spec)
+    if _looks_like_shards(spec):
+        return iter_shards(expand_shards(spec), skips=skips)
+    if not path.exists():
+        raise DataError(f"dataset not found: {spec}")
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() \
+                or (path / "state.json").exists():
+            return read_hf_dataset(path, skips=skips)
+        if any(path.glob("*.tar")):
+            return iter_shards(expand_shards(spec), skips=skips)
+        raise DataError(f"{spec}: a folder must be a Hugging Face datasets folder or hold .tar shards")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return read_jsonl(path, skips=skips)
+    if suffix in (".csv", ".tsv"):
+        return read_table(path, skips=skips)
+    raise DataError(f"{spec}: unknown dataset format (expected .jsonl, .csv, .tsv, .tar shards or a "
+                    "Hugging Face datasets folder)")
+
+
+def _looks_like_shards(spec: str) -> bool:
+    return spec.endswith(".tar") or ("{" in spec and ".." in spec) or any(c in spec for c in "*?[")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifests and tables
+
+
+def record_from_fields(row: dict[str, Any], base: Path, key: str) -> Record:
+    """Build a record from manifest fields; raise `BadSample("bad_record")` when required ones lack."""
+    image = row.get("image") or row.get("image_path") or row.get("file_name")
+    if not isinstance(image, str) or not image:
+        raise BadSample("bad_record", f"{key}: no 'image' field")
+    captions = _as_list(row.get("captions")) or _as_list(row.get("caption"))
+    question = row.get("question") or None
+    answers = _as_list(row.get("answers")) or _as_list(row.get("answer"))
+    if question is None and not captions:
+        raise BadSample("bad_record", f"{key}: needs 'caption(s)' or 'question'")
+    image_path = image if os.path.isabs(image) else str((base / image).resolve())
+    known = {"image", "image_path", "file_name", "caption", "captions", "question", "answer", "answers",
+             "answer_type"}
+    meta = {k: v for k, v in row.items() if k not in known and v not in (None, "")}
+    return Record(key=key, image_path=image_path, captions=captions, question=question, answers=answers,
+                  answer_type=row.get("answer_type") or None, meta=meta)
+
+
+def _as_list(value: Any) -> list[str]:
+    """A manifest value as a list of strings (VQAv2-style answer dicts give their "answer")."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, list):
+        return [v.get("answer", "") if isinstance(v, dict) else str(v) for v in value]
+    return [str(value)]
+
+
+def _table_list(cell: str | None) -> list[str] | None:
+    """A table cell holding several values: a JSON list, or `a|b|c`."""
+    if not cell:
+        return None
+    if cell.startswith("["):
+        try:
+            return _as_list(json.loads(cell))
+        except json.JSONDecodeError:
+            pass
+    return cell.split("|")
+
+
+def read_jsonl(path: str | Path, skips: SkipCounter | None = None) -> Iterator[Record]:
+    path = Path(path)
+    base = path.resolve().parent
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            key = f"{path.name}:{line_no}"
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise BadSample("bad_record", f"{key}: not a JSON object")
+                yield record_from_fields(row, base, key)
+            except json.JSONDecodeError:
+                _count(skips, "bad_record", key)
+            except BadSample as e:
+                _count(skips, e.reason, key)
+
+
+def read_table(path: str | Path, skips: SkipCounter | None = None) -> Iterator[Record]:
+    path = Path(path)
+    base = path.resolve().parent
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, encoding="utf-8", newline="") as f:
+        for row_no, row in enumerate(csv.DictReader(f, delimiter=delimiter), start=2):
+            key = f"{path.name}:{row_no}"
+            try:
+                fields = {k: v for k, v in row.items() if k}
+                for name in ("captions", "answers"):
+                    fields[name] = _table_list(fields.get(name))
+                yield record_from_fields(fields, base, key)
+            except BadSample as e:
+                _count(skips, e.reason, key)
+
+
+def _count(skips: SkipCounter | None, reason: str, key: str) -> None:
+    if skips is not None:
+        skips.skip(reason, key)
+
+
+# ---------------------------------------------------------------------------------------------------
+# WebDataset shards
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand `{00000..00099}` ranges (zero-padded as written) and `{a,b}` lists, like bash/braceexpand."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end():]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [out for opt in options for out in expand_braces(head + opt + tail)]
+
+
+def expand_shards(spec: str) -> list[str]:
+    """The shard paths of a brace pattern, glob, single tar or folder of tars, in order."""
+    if os.path.isdir(spec):
+        return sorted(glob.glob(os.path.join(spec, "*.tar")))
+    paths: list[str] = []
+    for item in expand_braces(spec):
+        paths.extend(sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item])
+    if not paths:
+        raise DataError(f"no shards match {spec}")
+    return paths
+
+
+def split_by_worker_and_rank(items: Sequence[T], rank: int | None = None, world_size: int | None = None,
+                             worker_id: int | None = None, num_workers: int | None = None) -> list[T]:
+    """The share of `items` this DataLoader worker in this process must read (round robin).
+
+    Rank and world size come from torch.distributed when it is initialised, else from the RANK and
+    WORLD_SIZE environment variables (accelerate/torchrun set both); worker id and count from
+    `torch.utils.data.get_worker_info()`. Arguments override both (tests, custom launchers).
+    """
+    consumer, consumers = consumer_index(rank, world_size, worker_id, num_workers)
+    return list(items[consumer::consumers])
+
+
+def consumer_index(rank: int | None = None, world_size: int | None = None, worker_id: int | None = None,
+                   num_workers: int | None = None) -> tuple[int, int]:
+    """(this consumer's index, number of consumers) over processes × DataLoader workers."""
+    import torch.distributed as dist
+    from torch.utils.data import get_worker_info
+
+    if rank is None or world_size is None:
+        if dist.is_available() and dist.is_initialized():
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+            world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if worker_id is None or num_workers is None:
+        info = get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank * num_workers + worker_id, world_size * num_workers
+
+
+def iter_shards(shards: Sequence[str], skips: SkipCounter | None = None, split: bool = False,
+                **consumer: int | None) -> Iterator[Record]:
+    """Stream the records of tar shards. With `split`, only this worker/process's share.
+
+    Shards are dealt round robin when there are at least as many shards as consumers; with fewer
+    shards every consumer reads them all and keeps every n-th sample, so that each sample is still
+    seen exactly once.
+    """
+    if not split:
+        for shard in shards:
+            yield from _iter_tar(shard, skips)
+        return
+    index, count = consumer_index(**consumer)
+    if len(shards) >= count:
+        for shard in shards[index::count]:
+            yield from _iter_tar(shard, skips)
+        return
+    for i, record in enumerate(r for shard in shards for r in _iter_tar(shard, None)):
+        if i % count == index:
+            yield record
+
+
+def _member_key(name: str) -> tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the base name."""
+    folder, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _iter_tar(shard: str, skips: SkipCounter | None) -> Iterator[Record]:
+    """Group consecutive members by key (img2dataset writes a sample's files together)."""
+    current: str | None = None
+    files: dict[str, bytes] = {}
+    try:
+        with tarfile.open(shard, mode="r|*") as tar:  # streaming: no seeking, works on pipes
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _member_key(member.name)
+                if key != current and current is not None:
+                    yield from _sample_from_files(shard, current, files, skips)
+                    files = {}
+                current = key
+                extracted = tar.extractfile(member)
+                files[ext] = extracted.read() if extracted is not None else b""
+    except (tarfile.TarError, OSError, EOFError) as e:
+        _count(skips, "bad_shard", f"{shard}: {e}")  # a cut-off download: keep what was read
+    if current is not None:
+        yield from _sample_from_files(shard, current, files, skips)
+
+
+def _sample_from_files(shard: str, key: str, files: dict[str, bytes],
+                       skips: SkipCounter | None) -> Iterator[Record]:
+    record_key = f"{os.path.basename(shard)}/{key}"
+    image_ext = next((e for e in files if "." + e in IMAGE_EXTENSIONS), None)
+    if image_ext is None:
+        _count(skips, "no_image", record_key)
+        return
+    meta: dict[str, Any] = {}
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            meta = {}
+    caption = files["txt"].decode("utf-8", errors="replace") if "txt" in files else meta.get("caption")
+    question = meta.get("question")
+    if not caption and not question:
+        _count(skips, "empty_caption", record_key)
+        return
+    yield Record(key=record_key, image_bytes=files[image_ext], captions=[caption] if caption else [],
+                 question=question, answers=_as_list(meta.get("answers") or meta.get("answer")),
+                 answer_type=meta.get("answer_type"),
+                 meta={k: v for k, v in meta.items() if k in ("url", "key", "width", "height")})
+
+
+class ShardStream(IterableDataset):
+    """An `IterableDataset` over tar shards, split across DataLoader workers and processes.
+
+    `transform(record)` turns a record into a training item; returning None drops it.
+    """
+
+    def __init__(self, spec: str, transform: Callable[[Record], Any] | None = None,
+                 skips: SkipCounter | None = None):
+        super().__init__()
+        self.shards = expand_shards(spec)
+        self.transform = transform
+        self.skips = skips
+
+    def __iter__(self) -> Iterator[Any]:
+        for record in iter_shards(self.shards, skips=self.skips, split=True):
+            item = self.transform(record) if self.transform else record
+            if item is not None:
+                yield item
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face datasets folders
+
+
+def read_hf_dataset(path: str | Path, split: str | None = None, image_column: str | None = None,
+                    skips: SkipCounter | None = None) -> Iterator[Record]:
+    """Records of a `save_to_disk` folder (a Dataset, or a DatasetDict: `split`, default "train")."""
+    try:
+        import datasets  # optional: only needed for this format
+    except ImportError as e:
+        raise DataError(f"{path} is a Hugging Face datasets folder; `pip install datasets` to read it") from e
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        split = split or ("train" if "train" in ds else next(iter(ds)))
+        ds = ds[split]
+    column = image_column or _find_image_column(ds)
+    ds = ds.cast_column(column, datasets.Image(decode=False))  # keep the encoded bytes
+    for row_no, row in enumerate(ds):
+        key = f"{Path(path).name}:{row_no}"
+        image = row.pop(column) or {}
+        try:
+            data = image.get("bytes") or (Path(image["path"]).read_bytes() if image.get("path") else None)
+        except OSError:
+            data = None
+        if not data:
+            _count(skips, "missing", key)
+            continue
+        captions = _as_list(row.get("captions")) or _as_list(row.get("caption")) or _as_list(row.get("text"))
+        question = row.get("question")
+        if not captions and not question:
+            _count(skips, "bad_record", key)
+            continue
+        yield Record(key=key, image_bytes=data, captions=captions, question=question,
+                     answers=_as_list(row.get("answers")) or _as_list(row.get("answer")),
+                     answer_type=row.get("answer_type"))
+
+
+def _find_image_column(ds: Any) -> str:
+    import datasets
+
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    for name in ("image", "img", "jpg", "png"):
+        if name in ds.column_names:
+            return name
+    raise DataError(f"no image column among {ds.column_names}")
+
+
+def load_records(spec: str | Path, skips: SkipCounter | None = None) -> list[Record]:
+    """`read_records` as a list (map-style datasets)."""
+    return list(read_records(spec, skips=skips))
+
+
+def iter_unique_images(records: Iterable[Record]) -> Iterator[Record]:
+    """One record per distinct image path/bytes key (VQA manifests repeat an image per question)."""
+    seen: set[str] = set()
+    for record in records:
+        ident = record.image_path or record.key
+        if ident not in seen:
+            seen.add(ident)
+            yield record

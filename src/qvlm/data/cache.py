@@ -157,9 +157,11 @@ class FeatureCache:
         if self.encoder is None:
             raise DataError("building the feature cache needs the vision encoder")
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.dir / "encoder.json", json.dumps({"cache_key": self.cache_key}).encode())
         skips = SkipCounter("images")
         with FileLock(str(self.dir / ".lock")):
+            for stale in self.dir.glob(".*.tmp"):  # left by a build that was killed mid-write
+                stale.unlink(missing_ok=True)
+            _atomic_write(self.dir / "encoder.json", json.dumps({"cache_key": self.cache_key}).encode())
             self._load_index()  # another process may have added shards
             _Builder(self, batch_size, skips, progress).run(records)
         self.skips.merge(skips)

@@ -1,0 +1,161 @@
+"""Readers: JSONL, CSV/TSV, WebDataset shards (with exact-once sharding), HF datasets folders."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+
+import pytest
+from PIL import Image
+
+from qvlm.data.images import DataError, SkipCounter
+from qvlm.data.records import expand_braces, iter_shards, load_records, read_records, split_by_worker_and_rank
+
+
+def jpeg(colour=(200, 10, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_manifest(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(jpeg())
+    rows = [
+        {"image": "imgs/a.jpg", "caption": "a red square"},
+        {"image": "imgs/a.jpg", "captions": ["one", "two"]},
+        {"image": "imgs/a.jpg", "question": "what colour?", "answer": "red", "answer_type": "color"},
+        {"image": "imgs/a.jpg", "question": "q?", "answers": ["x", "y", "y"], "question_id": 7},
+        {"caption": "no image here"},
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n\n")
+    return path
+
+
+def test_jsonl_manifest(tmp_path):
+    skips = SkipCounter()
+    records = load_records(write_manifest(tmp_path), skips=skips)
+    assert len(records) == 4 and skips.skipped["bad_record"] == 2
+    a, b, c, d = records
+    assert a.captions == ["a red square"] and a.image_path == str((tmp_path / "imgs" / "a.jpg").resolve())
+    assert b.captions == ["one", "two"] and not b.is_vqa
+    assert (c.question, c.answers, c.answer_type) == ("what colour?", ["red"], "color")
+    assert d.best_answer() == "y" and d.meta == {"question_id": 7}
+    assert a.open_image().size == (8, 8) and a.content_hash() == b.content_hash()
+    assert a.key == "train.jsonl:1"
+
+
+@pytest.mark.parametrize("sep,suffix", [(",", ".csv"), ("\t", ".tsv")])
+def test_csv_tsv(tmp_path, sep, suffix):
+    (tmp_path / "a.jpg").write_bytes(jpeg())
+    rows = [["image", "caption", "captions", "question", "answers", "answer_type"],
+            ["a.jpg", "a dog", "", "", "", ""],
+            ["a.jpg", "", '["c1", "c2"]', "", "", ""],
+            ["a.jpg", "", "", "is it?", "yes|yes|no", "yes/no"]]
+    path = tmp_path / f"t{suffix}"
+    with open(path, "w", newline="") as f:
+        csv.writer(f, delimiter=sep).writerows(rows)
+    r = load_records(path)
+    assert [x.captions for x in r] == [["a dog"], ["c1", "c2"], []]
+    assert r[2].answers == ["yes", "yes", "no"] and r[2].answer_type == "yes/no"
+
+
+def test_unknown_or_missing_spec(tmp_path):
+    with pytest.raises(DataError):
+        read_records(tmp_path / "missing.jsonl")
+    (tmp_path / "x.parquet").write_text("")
+    with pytest.raises(DataError):
+        read_records(tmp_path / "x.parquet")
+
+
+def test_expand_braces():
+    assert expand_braces("d/{00000..00002}.tar") == ["d/00000.tar", "d/00001.tar", "d/00002.tar"]
+    assert expand_braces("{a,b}/{1..2}") == ["a/1", "a/2", "b/1", "b/2"]
+
+
+def write_shards(folder, n_shards: int, per_shard: int) -> list[str]:
+    """img2dataset layout: <key>.jpg + <key>.txt + <key>.json per sample."""
+    folder.mkdir(exist_ok=True)
+    captions = []
+    for s in range(n_shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                caption = f"caption {s}-{i}"
+                captions.append(caption)
+                files = {"jpg": jpeg(), "json": json.dumps({"caption": caption, "url": "u"}).encode()}
+                if i % 2 == 0:
+                    files["txt"] = caption.encode()  # odd samples: caption only in the .json
+                for ext, data in files.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return captions
+
+
+def test_webdataset_shards(tmp_path):
+    captions = write_shards(tmp_path / "shards", 3, 4)
+    records = load_records(str(tmp_path / "shards" / "{00000..00002}.tar"))
+    assert [r.captions[0] for r in records] == captions
+    assert records[0].image_bytes and records[0].key == "00000.tar/000000000"
+    assert records[0].open_image().size == (8, 8)
+    assert len(load_records(tmp_path / "shards")) == 12  # a folder of shards
+    assert len(load_records(str(tmp_path / "shards" / "*.tar"))) == 12
+
+
+@pytest.mark.parametrize("n_shards", [8, 3])  # more shards than consumers, and fewer
+def test_sharding_sees_every_sample_once(tmp_path, n_shards):
+    captions = write_shards(tmp_path / "shards", n_shards, 5)
+    shards = sorted(str(p) for p in (tmp_path / "shards").glob("*.tar"))
+    seen = []
+    for rank in range(2):
+        for worker in range(2):
+            consumer = dict(rank=rank, world_size=2, worker_id=worker, num_workers=2)
+            seen += [r.captions[0] for r in iter_shards(shards, split=True, **consumer)]
+    assert sorted(seen) == sorted(captions)
+
+
+def test_sharding_env_and_dataloader_workers(tmp_path, monkeypatch):
+    """Real DataLoader workers × ranks from the environment, as accelerate/torchrun set them."""
+    from torch.utils.data import DataLoader
+
+    from qvlm.data.records import ShardStream
+
+    captions = write_shards(tmp_path / "shards", 5, 3)
+    seen = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        stream = ShardStream(str(tmp_path / "shards" / "{00000..00004}.tar"), transform=lambda r: r.captions[0])
+        seen += [c for batch in DataLoader(stream, batch_size=None, num_workers=2) for c in [batch]]
+    assert sorted(seen) == sorted(captions)
+
+
+def test_split_by_worker_and_rank_partitions():
+    items = list(range(10))
+    parts = [split_by_worker_and_rank(items, rank=r, world_size=2, worker_id=w, num_workers=2)
+             for r in range(2) for w in range(2)]
+    assert sorted(x for p in parts for x in p) == items
+    assert split_by_worker_and_rank(items) == items  # single process, no workers
+
+
+def test_truncated_shard_keeps_what_was_read(tmp_path):
+    write_shards(tmp_path / "s", 1, 6)
+    data = (tmp_path / "s" / "00000.tar").read_bytes()
+    (tmp_path / "s" / "00000.tar").write_bytes(data[: len(data) // 2])
+    skips = SkipCounter()
+    records = list(iter_shards([str(tmp_path / "s" / "00000.tar")], skips=skips))
+    assert 0 < len(records) < 6 and skips.skipped["bad_shard"] == 1
+
+
+def test_hf_datasets_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "a.jpg").write_bytes(jpeg())
+    ds = datasets.Dataset.from_dict({"image": [str(tmp_path / "a.jpg")] * 2, "caption": ["x", "y"]})
+    ds = ds.cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "hf"))
+    records = load_records(tmp_path / "hf")
+    assert [r.captions for r in records] == [["x"], ["y"]] and records[0].open_image().size == (8, 8)

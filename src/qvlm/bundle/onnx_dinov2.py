@@ -47,10 +47,23 @@ def extract_dinov2(graph, prefix: str = PREFIX) -> tuple[dict[str, np.ndarray], 
         if node.op_type == "MatMul" and node.name.startswith(scope) and node.input[1] in values:
             module = node.name[len(scope):].rsplit("/", 1)[0].replace("/", ".")
             state.setdefault(module + ".weight", values[node.input[1]].T.copy())
+    state = {_legacy_name(k): v for k, v in state.items()}
     state.update(_position_embeddings(graph, values, scope))
     hidden = state["embeddings.cls_token"].shape[-1]
     state.setdefault("embeddings.mask_token", np.zeros((1, hidden), dtype=np.float32))
     return state, _config(graph, state, scope)
+
+
+# transformers >= 5 names the attention projections like other models; checkpoints on the hub (and so
+# every transformers version's loader) use the original names, so the converted folder uses those.
+_NEW_TO_HUB = {".attention.q_proj.": ".attention.attention.query.", ".attention.k_proj.": ".attention.attention.key.",
+               ".attention.v_proj.": ".attention.attention.value.", ".attention.o_proj.": ".attention.output.dense."}
+
+
+def _legacy_name(key: str) -> str:
+    for new, old in _NEW_TO_HUB.items():
+        key = key.replace(new, old)
+    return key
 
 
 def _position_embeddings(graph, values: dict, scope: str) -> dict[str, np.ndarray]:
@@ -88,6 +101,8 @@ def _const(graph, name: str) -> np.ndarray | None:
 def _layer_norm_eps(graph, norm_scope: str) -> float:
     """LayerNorm is exported as ...ReduceMean_1 -> Add(eps) -> Sqrt: read eps off that Add."""
     for node in graph.node:
+        if node.op_type == "LayerNormalization" and node.name.startswith(norm_scope):  # opset >= 17
+            return next((float(str(np.float32(a.f))) for a in node.attribute if a.name == "epsilon"), 1e-5)
         if node.op_type == "Add" and node.name == norm_scope + "Add":
             for name in node.input:
                 c = _const(graph, name)
@@ -103,6 +118,8 @@ def _num_heads(graph, attn_scope: str, hidden: int) -> int:
             dims = [_const(graph, n) for n in node.input[2:]]
             if all(d is not None and d.size == 1 for d in dims):
                 heads, head_dim = (int(d.reshape(())) for d in dims)
+                if heads == -1 and head_dim > 0:  # newer transformers reshape to [B, T, -1, head_dim]
+                    heads = hidden // head_dim
                 if heads * head_dim == hidden:
                     return heads
     raise BundleError(f"could not read the number of attention heads at {attn_scope} in the ONNX graph")
@@ -116,7 +133,7 @@ def _config(graph, state: dict[str, np.ndarray], scope: str) -> dict:
     return {
         "hidden_size": hidden,
         "num_hidden_layers": layers,
-        "num_attention_heads": _num_heads(graph, f"{scope}encoder/layer.0/attention/attention/", hidden),
+        "num_attention_heads": _num_heads(graph, f"{scope}encoder/layer.0/attention/", hidden),
         "mlp_ratio": state["encoder.layer.0.mlp.fc1.weight"].shape[0] // hidden,
         "patch_size": patch,
         "image_size": grid * patch,

@@ -40,6 +40,7 @@ class QFormerConfig:
     temperature: float = 0.07
     learn_temperature: bool = False
     max_text_len: int = 32
+    dropout: float = 0.1  # attention and hidden dropout (BERT's 0.1); 0 for the tiny test models
 
 
 @dataclass
@@ -217,7 +218,8 @@ TINY_TEXT = {"model_type": "bert", "vocab_size": 262, "hidden_size": 32, "num_hi
              "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}
 TINY_LM = {"model_type": "llama", "vocab_size": 262, "hidden_size": 32, "intermediate_size": 64,
            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "max_position_embeddings": 256, "tie_word_embeddings": True}
+           "max_position_embeddings": 256, "tie_word_embeddings": True,
+           "initializer_range": 0.3}  # large enough that frozen random logits can become confident
 
 
 def _paper() -> QVLMConfig:
@@ -243,7 +245,7 @@ def _tiny() -> QVLMConfig:
         preset="tiny",
         vision=VisionConfig(name="tiny-vit", random_init=dict(TINY_VISION)),
         qformer=QFormerConfig(name="tiny-bert", random_init=dict(TINY_TEXT), num_queries=4, embed_dim=16,
-                              max_text_len=24),
+                              max_text_len=24, dropout=0.0),
         lm=LMConfig(name="tiny-llama", random_init=dict(TINY_LM), lora_r=4, lora_alpha=8, lora_dropout=0.0),
         stage1=Stage1Config(epochs=1, batch_size=8, lr_pretrained=1e-3, lr_new=1e-3, warmup_steps=0),
         stage2=Stage2Config(epochs=1, batch_size=4, grad_accum=1, lr_qformer=1e-3, lr_adapter_lora=3e-3,

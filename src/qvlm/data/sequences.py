@@ -1,0 +1,87 @@
+"""Stage-2 token sequences: `[prompt with the image slot][answer tokens][EOS]`, left-padded.
+
+The prompt is the user turn rendered with the LM's own chat template. The image slot is `num_queries`
+placeholder positions whose embeddings the model replaces with the adapter outputs (`image_mask`).
+Labels are -100 everywhere except on the answer tokens and the EOS that ends them: the EOS target is kept
+even when the tokenizer's pad token *is* EOS (SmolLM2), otherwise the model never learns to stop.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IMAGE_MARKER = "<image>"
+IGNORE = -100
+
+
+def render_prompt(tokenizer, user_text: str, image_position: str = "before",
+                  system_prompt: str | None = None) -> str:
+    """The chat-templated prompt up to the assistant's turn, with IMAGE_MARKER where the image goes.
+
+    With `system_prompt=None` no system turn is rendered at all, even when the template would add a
+    default one (SmolLM2's adds ~30 tokens; sequence length sets stage-2 speed).
+    """
+    if image_position not in ("before", "after"):
+        raise ValueError(f"image_position must be 'before' or 'after', got {image_position!r}")
+    content = f"{IMAGE_MARKER}\n{user_text}" if image_position == "before" else f"{user_text}\n{IMAGE_MARKER}"
+    user = {"role": "user", "content": content}
+    system = {"role": "system", "content": system_prompt or ""}
+    full = tokenizer.apply_chat_template([system, user], tokenize=False, add_generation_prompt=True)
+    if system_prompt is not None:
+        return full
+    # Cut the (empty) system turn: what the template renders for it alone is a prefix of the full text.
+    system_only = tokenizer.apply_chat_template([system], tokenize=False, add_generation_prompt=False)
+    return full[len(system_only):] if full.startswith(system_only) else full
+
+
+def prompt_token_ids(tokenizer, prompt: str, num_queries: int, slot_id: int) -> tuple[list[int], list[bool]]:
+    """Tokenise a rendered prompt, expanding IMAGE_MARKER into `num_queries` slot positions."""
+    before, found, after = prompt.partition(IMAGE_MARKER)
+    if not found:
+        raise ValueError(f"prompt has no {IMAGE_MARKER} slot: {prompt!r}")
+    head = tokenizer(before, add_special_tokens=False).input_ids
+    tail = tokenizer(after, add_special_tokens=False).input_ids
+    ids = head + [slot_id] * num_queries + tail
+    is_image = [False] * len(head) + [True] * num_queries + [False] * len(tail)
+    return ids, is_image
+
+
+def build_stage2_batch(tokenizer, user_texts: list[str], answers: list[str] | None, num_queries: int,
+                       image_position: str = "before", system_prompt: str | None = None,
+                       max_answer_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """Tokenise a batch for training (answers given) or generation (answers=None).
+
+    Returns left-padded tensors: input_ids [B, L] long, attention_mask [B, L] long (0 on padding),
+    image_mask [B, L] bool (the Nq slot positions), and labels [B, L] long (-100 except answer + EOS)
+    when answers are given.
+    """
+    if answers is not None and len(answers) != len(user_texts):
+        raise ValueError(f"{len(user_texts)} prompts but {len(answers)} answers")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for i, text in enumerate(user_texts):
+        prompt = render_prompt(tokenizer, text, image_position, system_prompt)
+        ids, is_image = prompt_token_ids(tokenizer, prompt, num_queries, slot_id=pad_id)
+        labels = [IGNORE] * len(ids)
+        if answers is not None:
+            answer_ids = tokenizer(answers[i].strip(), add_special_tokens=False).input_ids
+            answer_ids = answer_ids[:max_answer_tokens] + [tokenizer.eos_token_id]
+            ids, labels = ids + answer_ids, labels + answer_ids  # EOS labelled even when EOS == PAD
+            is_image = is_image + [False] * len(answer_ids)
+        rows.append((ids, is_image, labels))
+    length = max(len(ids) for ids, _, _ in rows)
+    batch = {"input_ids": [], "attention_mask": [], "image_mask": [], "labels": []}
+    for ids, is_image, labels in rows:
+        pad = length - len(ids)
+        batch["input_ids"].append([pad_id] * pad + ids)
+        batch["attention_mask"].append([0] * pad + [1] * len(ids))
+        batch["image_mask"].append([False] * pad + is_image)
+        batch["labels"].append([IGNORE] * pad + labels)
+    out = {
+        "input_ids": torch.tensor(batch["input_ids"], dtype=torch.long),
+        "attention_mask": torch.tensor(batch["attention_mask"], dtype=torch.long),
+        "image_mask": torch.tensor(batch["image_mask"], dtype=torch.bool),
+    }
+    if answers is not None:
+        out["labels"] = torch.tensor(batch["labels"], dtype=torch.long)
+    return out

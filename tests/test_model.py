@@ -1,0 +1,182 @@
+"""The model core (issue 2): masks, labels, overfitting, freezing, save/load, batched generation."""
+
+import pytest
+import torch
+
+from qvlm.data.sequences import IGNORE, build_stage2_batch
+from qvlm.errors import QVLMError
+from qvlm.models.qformer import build_attention_mask
+from qvlm.models.vlm import QVLM
+
+T, F = True, False
+
+
+def test_masks_exact_with_padding():
+    # 2 queries, 3 text tokens; the second sample's last text token is padding.
+    text_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    uni = build_attention_mask("unimodal", 2, text_mask)
+    assert uni.tolist()[1] == [
+        [T, T, F, F, F],
+        [T, T, F, F, F],
+        [F, F, T, T, F],
+        [F, F, T, T, F],
+        [F, F, T, T, F],
+    ]
+    bi = build_attention_mask("bidirectional", 2, text_mask)
+    assert bi.tolist()[1] == [[T, T, T, T, F]] * 5
+    assert bi.tolist()[0] == [[T, T, T, T, T]] * 5
+    causal = build_attention_mask("causal", 2, text_mask)
+    assert causal.tolist()[1] == [
+        [T, T, F, F, F],
+        [T, T, F, F, F],
+        [T, T, T, F, F],
+        [T, T, T, T, F],
+        [T, T, T, T, F],
+    ]
+    assert causal.tolist()[0][4] == [T, T, T, T, T]
+
+
+def test_unimodal_joint_pass_equals_separate_passes(tiny_config):
+    model = QVLM.build(tiny_config, stage=1).eval()
+    vision = torch.randn(2, 17, 32)
+    ids = torch.randint(0, 256, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    joint = model.qformer(vision, ids, mask, mode="unimodal")
+    queries = model.qformer(vision, use_queries=True)
+    text = model.qformer(None, ids, mask, use_queries=False)
+    nq = model.qformer.num_queries
+    torch.testing.assert_close(joint[:, :nq], queries)
+    torch.testing.assert_close(joint[0, nq:], text[0])
+    torch.testing.assert_close(joint[1, nq:nq + 3], text[1, :3])
+
+
+def test_labels_only_on_answer_and_eos_when_pad_is_eos(tiny_config):
+    model = QVLM.build(tiny_config)
+    tok = model.tokenizer
+    assert tok.pad_token_id == tok.eos_token_id  # the SmolLM2 case
+    batch = build_stage2_batch(tok, ["q", "a longer question"], ["yes", "no"], num_queries=4)
+    answer_ids = [tok("yes", add_special_tokens=False).input_ids, tok("no", add_special_tokens=False).input_ids]
+    for row, ans in enumerate(answer_ids):
+        labels = batch["labels"][row].tolist()
+        expected_tail = ans + [tok.eos_token_id]
+        assert labels[-len(expected_tail):] == expected_tail
+        assert all(v == IGNORE for v in labels[: -len(expected_tail)])
+        assert batch["image_mask"][row].sum() == 4
+        # the image slot sits inside the user turn, after the prompt's first tokens
+        assert not batch["image_mask"][row][batch["attention_mask"][row] == 0].any()
+    # row 0 is shorter, so it is left-padded
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][1, 0] == 1
+    assert batch["input_ids"][0, 0] == tok.pad_token_id
+
+
+def test_stage1_itc_overfits_eight_pairs(tiny_config, tiny_images):
+    torch.manual_seed(0)
+    model = QVLM.build(tiny_config, stage=1)
+    captions = ["a red cat", "two dogs", "blue sky", "green tree", "old car", "one boat", "tall man", "hot soup"]
+    tokens = model.text_tokenizer(captions, padding=True, return_tensors="pt")
+    features = model.vision(model.vision.preprocess(tiny_images))
+    opt = torch.optim.AdamW(model.trainable_parameters()["qformer"], lr=1e-3)
+    positives = torch.eye(8, dtype=torch.bool)
+    model.train()
+    for _ in range(200):
+        sim = model.qformer.similarity(model.qformer.image_embeds(features),
+                                       model.qformer.text_embeds(tokens.input_ids, tokens.attention_mask))
+        loss = model.qformer.itc_loss(sim, positives)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.05:
+            break
+    assert loss.item() < 0.05
+
+
+def _train_stage2(model, features, prompts, answers, steps=300, lr=3e-3):
+    groups = model.trainable_parameters()
+    opt = torch.optim.AdamW([p for ps in groups.values() for p in ps], lr=lr)
+    batch = build_stage2_batch(model.tokenizer, prompts, answers, model.qformer.num_queries)
+    model.train()
+    for _ in range(steps):
+        loss = model(features, **batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    model.eval()
+    return loss.item()
+
+
+def test_stage2_overfit_reproduces_captions(tiny_config, tiny_images):
+    torch.manual_seed(0)
+    model = QVLM.build(tiny_config)
+    captions = ["a red cat", "two dogs", "blue sky", "an old car"]
+    features = model.encode_images(tiny_images[:4])
+    _train_stage2(model, features, ["Describe this image."] * 4, captions)
+    generated = model.generate_from_features(features, ["Describe this image."] * 4, max_new_tokens=20)
+    assert generated == captions
+    # batched (left-padded) generation equals one-at-a-time generation, prompts of different lengths
+    prompts = ["Describe this image.", "What is it?", "Describe this image.", "Say what you see here."]
+    batched = model.generate_from_features(features, prompts, max_new_tokens=12)
+    single = [model.generate_from_features(features[i:i + 1], [p], max_new_tokens=12)[0]
+              for i, p in enumerate(prompts)]
+    assert batched == single
+    streamed = "".join(model.stream(tiny_images[0], "Describe this image.", max_new_tokens=20))
+    assert streamed.strip() == captions[0]
+
+
+def test_frozen_parts_unchanged_trainable_parts_change(tiny_config, tiny_images):
+    model = QVLM.build(tiny_config)
+    frozen = {k: v.clone() for k, v in model.vision.state_dict().items()}
+    lm_base = {k: v.clone() for k, v in model.lm.named_parameters() if not v.requires_grad}
+    lora = {k: v.clone() for k, v in model.lm.named_parameters() if v.requires_grad}
+    qformer = {k: v.clone() for k, v in model.qformer.named_parameters() if v.requires_grad}
+    assert lora and all("lora_" in k for k in lora)
+    features = model.encode_images(tiny_images[:2])
+    _train_stage2(model, features, ["hi", "hi"], ["a", "b"], steps=3)
+    assert all(p.grad is None for p in model.vision.parameters())
+    for k, v in model.vision.state_dict().items():
+        assert torch.equal(v, frozen[k])
+    named = dict(model.lm.named_parameters())
+    assert all(torch.equal(named[k], v) for k, v in lm_base.items())
+    assert any(not torch.equal(named[k], v) for k, v in lora.items())
+    q_named = dict(model.qformer.named_parameters())
+    assert any(not torch.equal(q_named[k], v) for k, v in qformer.items())
+    trainable_ids = {id(p) for ps in model.trainable_parameters().values() for p in ps}
+    assert not trainable_ids & {id(p) for p in model.vision.parameters()}
+
+
+def test_save_load_identical_outputs(tiny_config, tiny_images, tmp_path):
+    torch.manual_seed(0)
+    model = QVLM.build(tiny_config)
+    features = model.encode_images(tiny_images[:2])
+    _train_stage2(model, features, ["hi", "hi"], ["a cat", "a dog"], steps=5)
+    batch = build_stage2_batch(model.tokenizer, ["hi", "hello"], ["a cat", "a dog"], model.qformer.num_queries)
+    with torch.no_grad():
+        before = model(features, **batch).logits
+    model.save_pretrained(tmp_path / "m")
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert "model.safetensors" in files and "config.json" in files
+    assert not list((tmp_path / "m").rglob("*.bin")) and not list((tmp_path / "m").rglob("*.pt"))
+    loaded = QVLM.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        after = loaded(loaded.encode_images(tiny_images[:2]), **batch).logits
+    torch.testing.assert_close(before, after)
+
+
+def test_load_errors_are_clear(tiny_config, tmp_path):
+    model = QVLM.build(tiny_config, stage=1)
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(QVLMError, match="no such model"):
+        QVLM.from_pretrained(tmp_path / "absent")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(QVLMError, match="missing model.safetensors"):
+        QVLM.from_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(Exception, match="(?i)safetensors|header|deserial"):
+        QVLM.from_pretrained(tmp_path / "m")
+    other = tiny_config.override(["qformer.num_queries=6"])
+    QVLM.build(other, stage=1).save_pretrained(tmp_path / "n")
+    (tmp_path / "m" / "model.safetensors").write_bytes((tmp_path / "n" / "model.safetensors").read_bytes())
+    with pytest.raises(QVLMError, match="do not match"):
+        QVLM.from_pretrained(tmp_path / "m")

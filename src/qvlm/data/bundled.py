@@ -5,6 +5,7 @@ Both are written as JSONL manifests (DESIGN.md §3) with the images copied next 
 
 from __future__ import annotations
 
+import html
 import json
 import random
 import re
@@ -188,10 +189,7 @@ def read_svg_text(svg: Path) -> tuple[str, str]:
 
 
 def _unxml(text: str) -> str:
-    text = re.sub(r"<[^>]+>", " ", text)
-    for entity, char in (("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">"), ("&quot;", '"'), ("&apos;", "'")):
-        text = text.replace(entity, char)
-    return " ".join(text.split())
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", text)).split())
 
 
 def clean_clipart_title(title: str, repeats: int = 1) -> str | None:

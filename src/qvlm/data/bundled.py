@@ -172,7 +172,7 @@ OPENCLIPART_INSTALL = "sudo apt-get install openclipart-png openclipart-svg"
 # Titles that name a collection, a theme or an author, not the picture.
 _GENERIC_TITLE = re.compile(
     r"collection|theme|icons?\b|iconset|clip ?arts?\b|clipart by|\bsvg\b|gradient|symbol.?signs|"
-    r"submission|sibmission|^r\d+\b|untitled|^drawing|^image\s*\d*$|^layer\s*\d*$|^unnamed",
+    r"submission|sibmission|^r\d+\b|untitled|0x[0-9a-f]+|^drawing|^image\s*\d*$|^layer\s*\d*$|^unnamed",
     re.IGNORECASE)
 _FILE_LIKE = re.compile(r"\.(svg|png|jpe?g|gif|ai|eps)$|^[\w.-]*\d{2,}[\w.-]*$|^\S+_\S+$", re.IGNORECASE)
 GENERIC_TITLE_MIN_REPEATS = 10  # a title on ≥ this many files is a collection name ("gramastar": 1,375)

@@ -39,6 +39,7 @@ __all__ = [
     "evaluate_retrieval",
     "evaluate_captions",
     "evaluate_vqa",
+    "write_report",
     "DEFAULT_ITM_TOP_K",
 ]
 
@@ -361,3 +362,86 @@ def _vqa_prediction(record: Record, text: str) -> dict[str, Any]:
     return {"key": record.key, "image": record.image_path, "question": record.question, "prediction": text,
             "answers": record.answers, "answer_type": record.answer_type,
             "correct": bool(exact_match(text, record.answers))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Report files in a run folder
+# ----------------------------------------------------------------------------------------------
+
+
+def write_report(
+    model: QVLM,
+    run_dir: str | Path,
+    records: Sequence[Record] | None = None,
+    out_dir: str | Path | None = None,
+    n_grid: int = 8,
+    n_gallery: int = 24,
+    batch_size: int = 16,
+    **gen: Any,
+) -> dict[str, Path]:
+    """Write the run's report files and return them by name.
+
+    * ``loss``: ``loss.png`` from ``RUN/metrics.jsonl`` (when the run has one);
+    * ``similarity``: ``similarity.png``, the Q-Former ITC similarity of up to ``n_grid`` images of
+      ``records`` against their first captions (needs caption records);
+    * ``gallery``: ``gallery.html``, generated answers (VQA records) or captions beside the references
+      for up to ``n_gallery`` samples (stage-2 models only).
+
+    Files go to ``out_dir`` (default ``RUN/report/``). Report functions load matplotlib: imported here.
+    """
+    from qvlm.eval.report import plot_loss_curves
+
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    paths: dict[str, Path] = {}
+    if (run_dir / "metrics.jsonl").is_file():
+        plot_loss_curves(run_dir / "metrics.jsonl", out / "loss.png")
+        paths["loss"] = out / "loss.png"
+    records = list(records or [])
+    if any(r.captions for r in records):
+        paths["similarity"] = _similarity_figure(model, records, out / "similarity.png", n_grid, batch_size)
+    if records and model.stage == 2:
+        paths["gallery"] = _gallery(model, records, out / "gallery.html", n_gallery, batch_size, **gen)
+    return paths
+
+
+@torch.no_grad()
+def _similarity_figure(model: QVLM, records: Sequence[Record], out_png: Path, n: int, batch_size: int) -> Path:
+    from qvlm.eval.report import plot_similarity_grid
+
+    groups = image_groups(records)
+    first_caption = {rec.key: caps[0] for rec, caps in groups}
+    kept: list[Record] = []
+    embeds: list[torch.Tensor] = []
+    # Take a few more than n so that a bad image or two does not shrink the figure.
+    for batch, feats in iter_feature_batches(model, [r for r, _ in groups[: 2 * n]], batch_size,
+                                             SkipCounter("images")):
+        kept.extend(batch)
+        embeds.append(image_embeddings(model, feats))
+    if not kept:
+        raise QVLMError("no readable image with a caption for the similarity grid")
+    kept, image_embeds = kept[:n], torch.cat(embeds)[:n]
+    captions = [first_caption[r.key] for r in kept]
+    sim = model.qformer.similarity(image_embeds, text_embeddings(model, captions))  # [Ni, Nt]
+    images = [r.open_image() for r in kept]
+    return plot_similarity_grid(images, captions, sim, out_png, title="Q-Former image-text similarity (ITC)")
+
+
+def _gallery(model: QVLM, records: Sequence[Record], out_html: Path, n: int, batch_size: int,
+             **gen: Any) -> Path:
+    """VQA gallery when the data has questions with answers, else a caption gallery."""
+    from qvlm.eval.report import write_gallery
+
+    if any(r.is_vqa and r.answers for r in records):
+        result = evaluate_vqa(model, records, batch_size, limit=n, **gen)
+        title = f"VQA answers - exact match {100 * result['exact_match']:.1f}% on {result['n']}"
+        items = [{"image": p["image"] or "", "question": p["question"], "prediction": p["prediction"],
+                  "references": p["answers"], "correct": p["correct"],
+                  "extra": {"answer type": p["answer_type"]} if p["answer_type"] else {}}
+                 for p in result["predictions"]]
+    else:
+        result = evaluate_captions(model, records, batch_size, limit=n, **gen)
+        title = f"Captions - BLEU-4 {result['bleu4']:.3f}, CIDEr {result['cider']:.3f} on {result['n']}"
+        items = [{"image": p["image"] or "", "prediction": p["prediction"], "references": p["references"]}
+                 for p in result["predictions"]]
+    return write_gallery(items, out_html, title)

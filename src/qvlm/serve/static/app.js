@@ -1,0 +1,199 @@
+// qvlm page: pick or drop an image, get its caption, ask questions; answers stream from the same
+// OpenAI-compatible endpoint other clients use (POST /v1/chat/completions with stream: true).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const MAX_SIDE = 1024; // larger photos are shrunk here: the model sees a small image anyway
+let imageUrl = null;   // the current image as a data: URL
+let modelId = null;
+let busy = false;
+let maxImageBytes = 10 * 1024 * 1024;
+
+function apiKey() { return $("api-key").value.trim(); }
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+function setBusy(on, what) {
+  busy = on;
+  $("status").textContent = on ? `working… (${what})` : "";
+  $("question").disabled = on || !imageUrl;
+  $("send").disabled = on || !imageUrl;
+}
+
+async function loadHealth() {
+  try {
+    const res = await fetch("/health");
+    const info = await res.json();
+    modelId = info.model;
+    maxImageBytes = info.max_image_bytes || maxImageBytes;
+    $("model").textContent = `model: ${info.model}` + (info.stage === 2 ? "" : " (stage 1: cannot answer)");
+    $("key-row").hidden = !info.auth_required;
+    $("api-key").value = sessionStorage.getItem("qvlm-api-key") || "";
+  } catch (e) {
+    $("model").textContent = "server unreachable";
+    showError(`Cannot reach the server: ${e.message}`);
+  }
+}
+
+function readAsDataURL(blob) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error("could not read the file"));
+    reader.readAsDataURL(blob);
+  });
+}
+
+function loadImage(url) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("this file is not an image the browser can decode"));
+    img.src = url;
+  });
+}
+
+// A data: URL of the file, shrunk (as JPEG) when it is large in pixels or bytes.
+async function prepareImage(file) {
+  if (!file.type.startsWith("image/")) throw new Error(`"${file.name}" is not an image`);
+  const url = await readAsDataURL(file);
+  const img = await loadImage(url);
+  const scale = Math.min(1, MAX_SIDE / Math.max(img.naturalWidth, img.naturalHeight));
+  if (scale === 1 && file.size < maxImageBytes * 0.9) return url;
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.round(img.naturalWidth * scale));
+  canvas.height = Math.max(1, Math.round(img.naturalHeight * scale));
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#fff"; // transparent areas become white, as the server would do
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+  return canvas.toDataURL("image/jpeg", 0.92);
+}
+
+async function errorMessage(res) {
+  try {
+    const body = await res.json();
+    if (body.error && body.error.message) return `${body.error.message} (HTTP ${res.status})`;
+  } catch (e) { /* not JSON: fall through */ }
+  return `HTTP ${res.status} ${res.statusText}`;
+}
+
+// Stream an answer into `onText`; resolves when the server sends [DONE].
+async function streamChat(text, onText) {
+  const content = [{ type: "image_url", image_url: { url: imageUrl } }];
+  if (text) content.push({ type: "text", text });
+  const headers = { "Content-Type": "application/json" };
+  if (apiKey()) headers.Authorization = `Bearer ${apiKey()}`;
+  const res = await fetch("/v1/chat/completions", {
+    method: "POST", headers,
+    body: JSON.stringify({ model: modelId, stream: true, messages: [{ role: "user", content }] }),
+  });
+  if (!res.ok) throw new Error(await errorMessage(res));
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) { // SSE events end with a blank line
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") return;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+        if (delta && delta.content) onText(delta.content);
+      }
+    }
+  }
+  throw new Error("the stream ended early");
+}
+
+async function caption() {
+  const el = $("caption");
+  el.textContent = "";
+  el.dataset.state = "working";
+  setBusy(true, "captioning");
+  try {
+    await streamChat("", (t) => { el.textContent += t; });
+    el.dataset.state = "done";
+    if (!el.textContent) el.textContent = "(the model returned an empty caption)";
+  } catch (e) {
+    el.dataset.state = "error";
+    showError(e.message);
+  } finally {
+    setBusy(false);
+  }
+}
+
+async function ask(question) {
+  const turn = document.createElement("div");
+  turn.className = "turn";
+  const q = document.createElement("div");
+  q.className = "q";
+  q.textContent = question;
+  const a = document.createElement("div");
+  a.className = "a working";
+  turn.append(q, a);
+  $("log").append(turn);
+  setBusy(true, "answering");
+  try {
+    await streamChat(question, (t) => { a.textContent += t; });
+    if (!a.textContent) a.textContent = "(empty answer)";
+  } catch (e) {
+    a.textContent = "(failed)";
+    showError(e.message);
+  } finally {
+    a.classList.remove("working");
+    setBusy(false);
+  }
+}
+
+async function useFile(file) {
+  if (!file || busy) return;
+  showError("");
+  try {
+    imageUrl = await prepareImage(file);
+  } catch (e) {
+    showError(e.message);
+    return;
+  }
+  $("preview").src = imageUrl;
+  $("preview").hidden = false;
+  $("drop-hint").hidden = true;
+  $("log").replaceChildren();
+  await caption();
+}
+
+function wire() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (e) => useFile(e.target.files[0]));
+  drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") $("file").click(); });
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    useFile(e.dataTransfer.files[0]);
+  });
+  $("ask").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const question = $("question").value.trim();
+    if (!question || busy || !imageUrl) return;
+    $("question").value = "";
+    showError("");
+    ask(question);
+  });
+  $("api-key").addEventListener("change", () => sessionStorage.setItem("qvlm-api-key", apiKey()));
+}
+
+wire();
+loadHealth();

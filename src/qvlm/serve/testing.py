@@ -1,0 +1,85 @@
+"""Helpers for tests and demos: a tiny trained run, and the real server on a free loopback port."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from PIL import Image
+
+TINY_CAPTION = "a red square"
+
+
+def sample_image(size: int = 32, color: tuple[int, int, int] = (220, 30, 30)) -> Image.Image:
+    return Image.new("RGB", (size, size), color)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def tiny_trained_run(run: Path, steps: int = 100, seed: int = 0) -> Path:
+    """A `tiny`-preset stage-2 run in `run/model` that captions `sample_image()` as TINY_CAPTION."""
+    import torch
+
+    from qvlm.config import get_preset
+    from qvlm.data.sequences import build_stage2_batch
+    from qvlm.models.vlm import CAPTION_PROMPT, QVLM
+
+    torch.manual_seed(seed)
+    model = QVLM.build(get_preset("tiny"))
+    features = model.encode_images([sample_image()])
+    batch = build_stage2_batch(model.tokenizer, [CAPTION_PROMPT], [TINY_CAPTION], model.qformer.num_queries)
+    params = [p for group in model.trainable_parameters().values() for p in group]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(features, **batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    model.eval()
+    model.save_pretrained(run / "model")
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(app, port: int | None = None, timeout_s: float = 30.0) -> Iterator[str]:
+    """Run `app` with uvicorn in a thread on 127.0.0.1; yields the base URL, stops it afterwards."""
+    import uvicorn
+
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_keep_alive=5))
+    thread = threading.Thread(target=server.run, name="qvlm-test-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the test server did not start on port {port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=timeout_s)

@@ -1,0 +1,147 @@
+"""One thread owns the model: requests queue here, and non-streamed ones with equal generation settings
+are answered together in one batched `model.answer` call.
+
+`model.generate` is not thread-safe and CPU inference is already parallel inside torch, so running
+requests in parallel threads would be both unsafe and no faster; batching is what raises throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from qvlm.data.sequences import build_stage2_batch
+from qvlm.serve.chat import GenSettings
+from qvlm.serve.errors import APIError
+
+log = logging.getLogger("qvlm.serve")
+
+
+@dataclass
+class Result:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" or "length"
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+@dataclass
+class Job:
+    image: Image.Image
+    text: str
+    gen: GenSettings
+    future: Future = field(default_factory=Future)  # resolved with the Result (or the exception)
+    # Streamed jobs get each text piece through `on_piece` before the future resolves.
+    on_piece: Callable[[str], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
+
+
+_STOP = object()
+
+
+class ModelWorker:
+    def __init__(self, model, batch_size: int = 8, max_queue: int = 256):
+        self.model = model
+        self.batch_size = batch_size
+        self.max_queue = max_queue
+        self._queue: queue.Queue = queue.Queue()
+        self._held: deque[Job] = deque()  # taken off the queue but not batchable with the last batch
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="qvlm-model-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def pending(self) -> int:
+        return self._queue.qsize() + len(self._held)
+
+    def submit(self, job: Job) -> Future:
+        if self.pending() >= self.max_queue:
+            raise APIError(429, "the server is busy: too many queued requests, retry shortly",
+                           code="queue_full", type_="rate_limit_error")
+        self._queue.put(job)
+        return job.future
+
+    async def run(self, job: Job) -> Result:
+        return await asyncio.wrap_future(self.submit(job))
+
+    # -- the worker thread ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            first = self._held.popleft() if self._held else self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first] if first.on_piece else self._collect(first)
+            try:
+                self._stream(first) if first.on_piece else self._answer(batch)
+            except BaseException as e:  # a failed batch fails its requests, never the worker
+                log.exception("generation failed")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+
+    def _collect(self, first: Job) -> list[Job]:
+        """`first` plus queued non-streamed jobs with the same settings, up to the batch size."""
+        batch, others = [first], []
+        while len(batch) < self.batch_size:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is _STOP:
+                others.append(job)
+                break
+            (batch if job.on_piece is None and job.gen == first.gen else others).append(job)
+        self._held.extend(others)
+        return batch
+
+    def _answer(self, batch: list[Job]) -> None:
+        live = [j for j in batch if not j.cancelled.is_set()]
+        if not live:
+            return
+        texts = self.model.answer([j.image for j in live], [j.text for j in live], **live[0].gen.kwargs())
+        for job, text in zip(live, texts, strict=True):
+            job.future.set_result(self._result(job, text))
+
+    def _stream(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        pieces = []
+        for piece in self.model.stream(job.image, job.text, **job.gen.kwargs()):
+            pieces.append(piece)
+            job.on_piece(piece)
+            if job.cancelled.is_set():
+                # generate() finishes in model.stream's own thread (bounded by max_new_tokens) and holds the
+                # model's lock meanwhile, so the next job simply waits for it.
+                break
+        job.future.set_result(self._result(job, "".join(pieces).strip()))
+
+    def _result(self, job: Job, text: str) -> Result:
+        """Token counts: the prompt as the model saw it (image slots included), the answer re-tokenised."""
+        model, tok = self.model, self.model.tokenizer
+        lm_cfg = model.config.lm
+        prompt = build_stage2_batch(tok, [job.text], None, model.qformer.num_queries, lm_cfg.image_position,
+                                    lm_cfg.system_prompt)
+        prompt_tokens = int(prompt["attention_mask"].sum())
+        completion_tokens = len(tok(text, add_special_tokens=False).input_ids) if text else 0
+        finish = "length" if completion_tokens >= job.gen.max_new_tokens else "stop"
+        return Result(text, prompt_tokens, completion_tokens, finish)

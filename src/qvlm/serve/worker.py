@@ -136,12 +136,14 @@ class ModelWorker:
         job.future.set_result(self._result(job, "".join(pieces).strip()))
 
     def _result(self, job: Job, text: str) -> Result:
-        """Token counts: the prompt as the model saw it (image slots included), the answer re-tokenised."""
+        """Token counts: the prompt as the model saw it (image slots included), exact; the answer
+        re-tokenised (the model returns text, not ids), capped at max_new_tokens which it cannot exceed."""
         model, tok = self.model, self.model.tokenizer
         lm_cfg = model.config.lm
         prompt = build_stage2_batch(tok, [job.text], None, model.qformer.num_queries, lm_cfg.image_position,
                                     lm_cfg.system_prompt)
         prompt_tokens = int(prompt["attention_mask"].sum())
         completion_tokens = len(tok(text, add_special_tokens=False).input_ids) if text else 0
+        completion_tokens = min(completion_tokens, job.gen.max_new_tokens)
         finish = "length" if completion_tokens >= job.gen.max_new_tokens else "stop"
         return Result(text, prompt_tokens, completion_tokens, finish)

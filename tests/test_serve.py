@@ -1,0 +1,193 @@
+"""`qvlm serve` against a live server on 127.0.0.1: the official openai client, bad inputs, concurrency."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+openai = pytest.importorskip("openai")
+
+from qvlm.serve import ServeSettings, create_app  # noqa: E402
+from qvlm.serve.testing import data_url, png_bytes, running_server, sample_image, tiny_trained_run  # noqa: E402
+
+KEY = "test-key"
+MODEL_ID = "tinyrun"
+SETTINGS = ServeSettings(api_key=KEY, max_body_bytes=300_000, max_image_bytes=100_000, max_pixels=500_000,
+                         max_prompt_chars=200, max_tokens_limit=64, default_max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from qvlm.models.vlm import QVLM
+
+    run = tiny_trained_run(tmp_path_factory.mktemp("serve") / MODEL_ID)
+    model = QVLM.from_pretrained(run)
+    with running_server(create_app(model, MODEL_ID, SETTINGS)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def image_part(url: str | None = None) -> dict:
+    return {"type": "image_url", "image_url": {"url": url or data_url(sample_image())}}
+
+
+def user(*parts, text: str | None = None) -> list[dict]:
+    content = list(parts) + ([{"type": "text", "text": text}] if text is not None else [])
+    return [{"role": "user", "content": content}]
+
+
+def test_caption_request_image_only(client):
+    resp = client.chat.completions.create(model=MODEL_ID, messages=user(image_part()), max_tokens=24)
+    assert resp.model == MODEL_ID
+    assert resp.object == "chat.completion"
+    text = resp.choices[0].message.content
+    assert text.strip()  # the trained run captions its image
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    usage = resp.usage
+    assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_question_with_string_system_and_history(client):
+    messages = [{"role": "system", "content": "Be brief."}, *user(image_part(), text="What is it?")]
+    resp = client.chat.completions.create(model=MODEL_ID, messages=messages, max_completion_tokens=8,
+                                          temperature=0)
+    assert isinstance(resp.choices[0].message.content, str)
+    assert resp.usage.completion_tokens <= 8
+
+
+def test_stream_reassembles_to_non_streamed_text(client):
+    messages = user(image_part(), text="Describe this image.")
+    whole = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24)
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([p for p in pieces if p]) > 1  # token by token, not one blob
+    assert "".join(pieces).strip() == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    assert {c.id for c in chunks} == {chunks[0].id}
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+    health = httpx.get(f"{server}/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL_ID and health["auth_required"]
+
+
+def _noise_png(side: int) -> bytes:
+    rng = np.random.default_rng(0)
+    return png_bytes(Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)))
+
+
+def _b64(data: bytes, mime: str = "image/png") -> str:
+    import base64
+
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def _body(messages, **extra) -> dict:
+    return {"model": MODEL_ID, "messages": messages, **extra}
+
+
+BIG_PIXELS = png_bytes(Image.new("RGB", (1000, 1000)))  # compresses small, but 1e6 pixels > 500_000
+TRUNCATED = png_bytes(sample_image(64))[:60]
+BAD_REQUESTS = {
+    "malformed_json": (b'{"model": ', 400, "invalid_json"),
+    "body_not_object": ([1, 2], 400, None),
+    "body_too_large": (_body(user(image_part(), text="x" * 400_000)), 413, "request_too_large"),
+    "image_bytes_too_large": (_body(user(image_part(_b64(_noise_png(200))))), 400, "image_too_large"),
+    "image_too_many_pixels": (_body(user(image_part(_b64(BIG_PIXELS)))), 400, "image_too_large"),
+    "not_an_image": (_body(user(image_part(_b64(b"hello, not an image", "text/plain")))), 400, "invalid_image"),
+    "corrupt_image": (_body(user(image_part(_b64(TRUNCATED)))), 400, "invalid_image"),
+    "bad_base64": (_body(user(image_part("data:image/png;base64,@@@@"))), 400, "invalid_image"),
+    "too_many_images": (_body(user(image_part(), image_part())), 400, "too_many_images"),
+    "no_image": (_body([{"role": "user", "content": "hi"}]), 400, "image_required"),
+    "prompt_too_long": (_body(user(image_part(), text="why " * 100)), 400, "prompt_too_long"),
+    "max_tokens_zero": (_body(user(image_part()), max_tokens=0), 400, "invalid_value"),
+    "max_tokens_huge": (_body(user(image_part()), max_tokens=100_000), 400, "invalid_value"),
+    "temperature_range": (_body(user(image_part()), temperature=5), 400, "invalid_value"),
+    "unknown_model": ({**_body(user(image_part())), "model": "gpt-9"}, 404, "model_not_found"),
+    "remote_url_refused": (_body(user(image_part("http://127.0.0.1:9/cat.png"))), 400, "remote_images_disabled"),
+    "file_url": (_body(user(image_part("file:///etc/passwd"))), 400, "invalid_image_url"),
+    "messages_missing": ({"model": MODEL_ID}, 400, None),
+    "bad_part_type": (_body(user({"type": "audio", "audio": {}})), 400, None),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_request_gets_openai_error(server, name):
+    body, status, code = BAD_REQUESTS[name]
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                   **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    assert httpx.get(f"{server}/health").status_code == 200  # still up
+
+
+def test_unknown_route_is_openai_shaped(server):
+    r = httpx.get(f"{server}/v1/nope", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_wrong_or_missing_api_key_refused(server):
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=MODEL_ID, messages=user(image_part()))
+    r = httpx.post(f"{server}/v1/chat/completions", json=_body(user(image_part())))
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_fifty_concurrent_requests(client, server):
+    colors = [(i * 5 % 256, 255 - i * 5 % 256, 40) for i in range(50)]
+
+    def one(i: int):
+        stream = i % 5 == 0  # a mix of streamed and batched requests share the one worker
+        messages = user(image_part(data_url(sample_image(color=colors[i]))), text=f"What is {i}?")
+        resp = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=6 + i % 2,
+                                              stream=stream)
+        return "".join(c.choices[0].delta.content or "" for c in resp) if stream else resp.choices[0].message.content
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(one, range(50)))
+    assert len(answers) == 50 and all(isinstance(a, str) for a in answers)
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_cli_help_and_unsafe_bind_refused(tmp_path):
+    env = {**os.environ, "QVLM_API_KEY": ""}
+    out = subprocess.run([sys.executable, "-m", "qvlm.cli.main", "serve", "--help"], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 0 and "--allow-remote-images" in out.stdout
+    from qvlm.cli.main import main
+
+    assert main(["serve", str(tmp_path), "--host", "0.0.0.0"]) == 1  # before any model is loaded
+
+
+def test_image_decoding_keeps_alpha_white():
+    # Transparent PNGs reach the model composited on white (the same decoder as training data).
+    from qvlm.serve.images import decode_image
+
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    buf = io.BytesIO()
+    rgba.save(buf, format="PNG")
+    assert decode_image(buf.getvalue(), 1000).getpixel((0, 0)) == (255, 255, 255)

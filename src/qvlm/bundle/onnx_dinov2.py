@@ -170,17 +170,38 @@ def save_dinov2(state: dict[str, np.ndarray], config: dict, out: Path) -> None:
 
 def onnx_last_hidden_state(onnx_path: Path, pixel_values: np.ndarray,
                            tensor: str = LAST_HIDDEN) -> np.ndarray:
-    """Run the ONNX model with onnxruntime and return its backbone's last_hidden_state.
+    """Run the ONNX backbone with onnxruntime and return its last_hidden_state.
 
     The file's only output is the saliency head's; the backbone's final LayerNorm output is an
-    intermediate value, so it is added as an extra graph output (on a copy of the graph) to read it.
+    intermediate value. The subgraph from the image to that value is cut out (which also drops the
+    head), and the image's height and width are made symbolic: the traced graph computes the
+    position-embedding resize from the input shape, so other sizes (the offline preset's 112 px) run too.
     """
-    import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(onnx_path))
-    if tensor not in {o.name for o in model.graph.output}:
-        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    (result,) = session.run([tensor], {session.get_inputs()[0].name: pixel_values.astype(np.float32)})
+    sub = _subgraph(onnx_path, tensor)
+    input_name = sub.graph.input[0].name
+    for axis, dim in enumerate(sub.graph.input[0].type.tensor_type.shape.dim):
+        if axis != 1:  # keep the channel count, free batch, height and width
+            dim.dim_param = ("batch", "", "height", "width")[axis]
+    session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+    (result,) = session.run([tensor], {input_name: pixel_values.astype(np.float32)})
     return result
+
+
+def _subgraph(onnx_path: Path, tensor: str):
+    """The part of the graph that computes `tensor` (onnx.utils.Extractor needs shapes we lack)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    needed, kept = {tensor}, []
+    for node in reversed(model.graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node.input)
+    graph = onnx.helper.make_graph(
+        kept[::-1], "backbone", list(model.graph.input), [onnx.helper.make_empty_tensor_value_info(tensor)],
+        initializer=[t for t in model.graph.initializer if t.name in needed])
+    sub = onnx.helper.make_model(graph, opset_imports=model.opset_import)
+    sub.ir_version = model.ir_version
+    return sub

@@ -32,6 +32,7 @@ from qvlm.bundle import COMPONENTS, BundleError, Component, _check_name
 MARKER = ".qvlm-complete.json"
 LOCK_TIMEOUT_S = 3600  # a slow mirror may need a while; a stuck lock still ends with a clear error
 Progress = Callable[[str], None]
+NETWORK_WORDS = ("connection", "network", "name resolution", "timed out", "proxy", "ssl")
 
 
 def cache_root() -> Path:
@@ -62,7 +63,7 @@ def ensure(name: str, force: bool = False, verify: bool = False, progress: Progr
             # Another process may have finished the work while we waited for the lock.
             if not force and _is_complete(target, verify):
                 return target
-            _build(comp, target, progress or (lambda _msg: None))
+            _build(comp, target, progress or _log)
     except Timeout as e:
         raise BundleError(f"timed out waiting for another qvlm process to fetch {name!r} "
                           f"(lock {e.lock_file}); if none is running, delete that lock file and retry") from e
@@ -78,6 +79,11 @@ def fetch(names: Iterable[str] | None = None, force: bool = False,
     for n in selected:
         _check_name(n)  # fail before any download on a typo
     return {n: ensure(n, force=force, verify=True, progress=progress) for n in selected}
+
+
+def _log(message: str) -> None:
+    """Default progress: first use of the offline preset fetches silently otherwise, for a while."""
+    print(f"qvlm bundle: {message}", file=sys.stderr, flush=True)
 
 
 def folder_size(path: Path) -> int:
@@ -198,13 +204,14 @@ def _pip_error(comp: Component, output: str, dest: Path) -> BundleError:
     if "no space left" in text:
         return BundleError(f"disk full while downloading {comp.requirement} into {dest}: free about "
                            "1.5 GB there or point QVLM_CACHE at a larger disk")
-    if any(s in text for s in ("connection", "network", "name resolution", "timed out", "proxy",
-                               "no matching distribution", "could not find a version")):
+    if any(s in text for s in (*NETWORK_WORDS, "no matching distribution", "could not find a version")):
         remedy = ("check network access to your package index (pip config: PIP_INDEX_URL / pip.conf), or "
                   "put the wheel in a folder and set PIP_FIND_LINKS=that/folder PIP_NO_INDEX=1")
     else:
         remedy = "run the same `python -m pip download` by hand to see the full output"
-    return BundleError(f"pip could not download {comp.requirement}: {errors[-1]} -- {remedy}")
+    network = [ln for ln in lines if any(s in ln.lower() for s in NETWORK_WORDS)]
+    cause = f"cannot reach the package index ({network[-1][:160]})" if network else errors[-1]
+    return BundleError(f"pip could not download {comp.requirement}: {cause} -- {remedy}")
 
 
 def verify_wheel(wheel: Path, expected: str) -> str:

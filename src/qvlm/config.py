@@ -185,6 +185,11 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
             return None
         raise ConfigError(f"{key} may not be null")
     if hint is float or text.startswith("float"):
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif hint is bool or text.startswith("bool"):
@@ -204,7 +209,8 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
             return value
     else:
         return value
-    raise ConfigError(f"{key} expects {text.replace('typing.', '')}, got {value!r}")
+    expected = getattr(hint, "__name__", text)
+    raise ConfigError(f"{key} expects {expected}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -247,7 +247,7 @@ class QVLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> QVLM:
         """Load a folder written by `save_pretrained` (or a run folder holding one in `model/`)."""
-        folder = _model_folder(Path(path))
+        folder = model_folder(Path(path))
         meta = json.loads((folder / "qvlm.json").read_text())
         if meta.get("format_version") != FORMAT_VERSION:
             raise QVLMError(f"{folder} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
@@ -286,7 +286,7 @@ class QVLM(nn.Module):
             raise QVLMError(f"{source}: weights do not match the config: {str(e).splitlines()[0]}") from e
 
 
-def _model_folder(path: Path) -> Path:
+def model_folder(path: Path) -> Path:
     for candidate in (path, path / "model"):
         if (candidate / "qvlm.json").is_file():
             missing = [f for f in ("config.json", WEIGHTS_FILE) if not (candidate / f).is_file()]

@@ -1,0 +1,54 @@
+"""`qvlm train stage1|stage2`: the two training stages (also under `accelerate launch`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qvlm.config import QVLMConfig, get_preset
+from qvlm.errors import QVLMError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train stage 1 (Q-Former alignment) or stage 2 (generation)",
+                              description="Train one stage. Multi-GPU / multi-node: prefix with "
+                              "`accelerate launch --num_processes N` (same flags).")
+    stages = p.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for stage, help_text in (("stage1", "align the Q-Former with text (ITC [+ ITM, ITG])"),
+                             ("stage2", "train adapter + LoRA (+ Q-Former) to caption and answer")):
+        s = stages.add_parser(stage, help=help_text)
+        s.add_argument("--preset", default="offline", help="paper | offline | tiny (default: offline)")
+        s.add_argument("--config", help="a config file (JSON/YAML), e.g. a run's config.json")
+        s.add_argument("--data", required=True, help="training data: JSONL/CSV manifest, shards, dataset folder")
+        s.add_argument("--val", help="validation data (same formats)")
+        s.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
+        if stage == "stage2":
+            s.add_argument("--init", help="a stage-1 run folder to start the Q-Former from (recommended)")
+        s.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+        s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set stage1.epochs=3 (repeatable)")
+        s.set_defaults(func=run)
+
+
+def resolve_config(args) -> QVLMConfig:
+    """--resume reuses the run's own config; otherwise --config or --preset, then --set overrides."""
+    saved = Path(args.out) / "config.json"
+    if args.resume and saved.is_file():
+        config = QVLMConfig.load(saved)
+    elif args.config:
+        config = QVLMConfig.load(args.config)
+    else:
+        config = get_preset(args.preset)
+    return config.override(args.overrides)
+
+
+def run(args) -> int:
+    from qvlm.train.trainer import train
+
+    stage = 1 if args.stage == "stage1" else 2
+    init = getattr(args, "init", None)
+    if stage == 2 and init and not Path(init).exists():
+        raise QVLMError(f"--init {init}: no such stage-1 run folder")
+    model_dir = train(resolve_config(args), stage, args.data, args.out, val=args.val, init=init,
+                      resume=args.resume)
+    print(f"model saved to {model_dir}")
+    return 0

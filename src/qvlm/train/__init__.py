@@ -1,0 +1,1 @@
+"""Training: both stages in one plain loop (`trainer.train`), checkpoints, optimizer groups."""

@@ -1,0 +1,67 @@
+"""Parameter groups with differential learning rates, and the warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qvlm.config import QVLMConfig
+
+NO_DECAY_HINTS = ("bias", "norm", "query_tokens", "embedding", "log_inv_temp")
+
+
+def _split_decay(named: list[tuple[str, nn.Parameter]]) -> tuple[list, list]:
+    """No weight decay on biases, norms, the query embeddings and embeddings tables."""
+    decay = [p for n, p in named if not any(h in n for h in NO_DECAY_HINTS)]
+    no_decay = [p for n, p in named if any(h in n for h in NO_DECAY_HINTS)]
+    return decay, no_decay
+
+
+def _groups(named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float, name: str) -> list[dict]:
+    decay, no_decay = _split_decay(named)
+    return [g for g in ({"name": f"{name}", "params": decay, "lr": lr, "weight_decay": weight_decay},
+                        {"name": f"{name}.no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def stage1_param_groups(model, config: QVLMConfig) -> list[dict]:
+    """Copied text layers at `lr_pretrained` (article 1e-5); queries, cross-attention, heads at `lr_new`."""
+    copied = model.qformer.pretrained_parameter_names()
+    named = [(n, p) for n, p in model.qformer.named_parameters() if p.requires_grad]
+    c = config.stage1
+    return (_groups([(n, p) for n, p in named if n in copied], c.lr_pretrained, c.weight_decay, "pretrained")
+            + _groups([(n, p) for n, p in named if n not in copied], c.lr_new, c.weight_decay, "new"))
+
+
+def stage2_param_groups(model, config: QVLMConfig) -> list[dict]:
+    """Q-Former (article 1e-4; optional), adapter + LoRA (article 5e-4)."""
+    c = config.stage2
+    groups = []
+    if c.train_qformer:
+        named = [(n, p) for n, p in model.qformer.named_parameters() if p.requires_grad]
+        groups += _groups(named, c.lr_qformer, c.weight_decay, "qformer")
+    else:
+        model.qformer.requires_grad_(False)
+    named = [(f"adapter.{n}", p) for n, p in model.adapter.named_parameters()]
+    named += [(n, p) for n, p in model.lm.named_parameters() if p.requires_grad]
+    groups += _groups(named, c.lr_adapter_lora, c.weight_decay, "adapter_lora")
+    return groups
+
+
+def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
+    fused = all(p.is_cuda for g in groups for p in g["params"])  # the fused kernel is CUDA-only
+    return torch.optim.AdamW(groups, betas=(0.9, 0.98), fused=fused or None)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to each group's lr, then cosine decay to 10% of it."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

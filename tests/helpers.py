@@ -1,0 +1,37 @@
+"""Synthetic data the tests build themselves."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
+SHAPES = ("square", "circle")
+
+
+def shape_image(colour: str, shape: str, seed: int, size: int = 32) -> Image.Image:
+    a = np.full((size, size, 3), 255, np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    c = size // 2
+    region = (abs(yy - c) < size // 4) & (abs(xx - c) < size // 4) if shape == "square" else \
+        (yy - c) ** 2 + (xx - c) ** 2 < (size // 4) ** 2
+    a[region] = COLOURS[colour]
+    noise = np.random.default_rng(seed).integers(-10, 10, a.shape)
+    return Image.fromarray(np.clip(a.astype(int) + noise, 0, 255).astype(np.uint8))
+
+
+def write_shapes_dataset(root: Path, n_train: int = 40, n_val: int = 8) -> tuple[Path, Path]:
+    """Coloured shapes with a caption and a colour question each: train.jsonl and val.jsonl."""
+    (root / "imgs").mkdir(parents=True, exist_ok=True)
+    splits = {"train": [], "val": []}
+    for i in range(n_train + n_val):
+        colour, shape = list(COLOURS)[i % 4], SHAPES[(i // 4) % 2]
+        shape_image(colour, shape, seed=i).save(root / "imgs" / f"{i}.png")
+        rows = splits["train" if i < n_train else "val"]
+        rows.append({"image": f"imgs/{i}.png", "caption": f"a {colour} {shape}"})
+        rows.append({"image": f"imgs/{i}.png", "question": "what color is the shape?", "answer": colour,
+                     "answer_type": "color"})
+    for name, rows in splits.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "train.jsonl", root / "val.jsonl"

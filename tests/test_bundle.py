@@ -277,6 +277,15 @@ def test_incomplete_folder_is_never_used(fake):
     assert fake["calls"] == ["fake", "fake"]
 
 
+def test_leftovers_of_a_killed_fetch_are_cleaned(fake):
+    root = store.cache_root()
+    stale = root / ".tmp-fake-abc123" / "out"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    folder = ensure("fake")
+    assert not (root / ".tmp-fake-abc123").exists() and (folder / MARKER).exists()
+
+
 def test_checksum_mismatch_is_a_clear_error_and_caches_nothing(fake, monkeypatch):
     monkeypatch.setitem(COMPONENTS, "fake", Component(**{**fake["comp"].__dict__, "sha256": "0" * 64}))
     with pytest.raises(BundleError, match="checksum mismatch") as err:

@@ -63,6 +63,7 @@ def ensure(name: str, force: bool = False, verify: bool = False, progress: Progr
             # Another process may have finished the work while we waited for the lock.
             if not force and _is_complete(target, verify):
                 return target
+            _remove_leftovers(root, comp.name)
             _build(comp, target, progress or _log)
     except Timeout as e:
         raise BundleError(f"timed out waiting for another qvlm process to fetch {name!r} "
@@ -149,6 +150,12 @@ def _make_root() -> Path:
     except OSError as e:
         raise _os_error(e, root) from e
     return root
+
+
+def _remove_leftovers(root: Path, name: str) -> None:
+    """Work folders of a killed fetch; safe to delete because we hold this component's lock."""
+    for path in [*root.glob(f".tmp-{name}-*"), *root.glob(f".tmp-old-{name}-*")]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _build(comp: Component, target: Path, progress: Progress) -> None:

@@ -28,7 +28,7 @@ SETTINGS = ServeSettings(api_key=KEY, max_body_bytes=300_000, max_image_bytes=10
 def server(tmp_path_factory):
     from qvlm.models.vlm import QVLM
 
-    run = tiny_trained_run(tmp_path_factory.mktemp("serve") / MODEL_ID)
+    run = tiny_trained_run(tmp_path_factory.getbasetemp() / "serve-runs" / MODEL_ID)  # shared with the browser test
     model = QVLM.from_pretrained(run)
     with running_server(create_app(model, MODEL_ID, SETTINGS)) as url:
         yield url

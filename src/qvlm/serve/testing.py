@@ -30,8 +30,13 @@ def data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
-def tiny_trained_run(run: Path, steps: int = 100, seed: int = 0) -> Path:
-    """A `tiny`-preset stage-2 run in `run/model` that captions `sample_image()` as TINY_CAPTION."""
+def tiny_trained_run(run: Path, steps: int = 40, lr: float = 1e-2, seed: int = 0) -> Path:
+    """A `tiny`-preset stage-2 run in `run/model` that captions `sample_image()` as TINY_CAPTION.
+
+    An existing run there is reused, so several test modules can share one (training takes seconds).
+    """
+    if (run / "model" / "qvlm.json").is_file():
+        return run
     import torch
 
     from qvlm.config import get_preset
@@ -43,7 +48,7 @@ def tiny_trained_run(run: Path, steps: int = 100, seed: int = 0) -> Path:
     features = model.encode_images([sample_image()])
     batch = build_stage2_batch(model.tokenizer, [CAPTION_PROMPT], [TINY_CAPTION], model.qformer.num_queries)
     params = [p for group in model.trainable_parameters().values() for p in group]
-    opt = torch.optim.AdamW(params, lr=3e-3)
+    opt = torch.optim.AdamW(params, lr=lr)
     model.train()
     for _ in range(steps):
         loss = model(features, **batch).loss

@@ -9,7 +9,7 @@ import sys
 from qvlm import __version__
 
 # Modules under qvlm.cli, each exposing `register(subparsers)`; the order is the order in --help.
-COMMAND_MODULES: list[str] = ["info", "fetch", "data", "train", "infer", "evaluate", "report", "search", "serve"]
+COMMAND_MODULES: list[str] = ["info", "fetch", "data", "train", "infer", "evaluate", "report", "search", "serve", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,26 @@
+"""`qvlm demo`: fetch, data, both training stages, evaluation and report, offline on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo", help="the whole pipeline on easy-VQA, offline, on CPU (~15 min)",
+        description="Fetch the offline bundle, write easy-VQA manifests, train stage 1 and stage 2, "
+        "evaluate on the test split and write the report. The model ends up in OUT/run. "
+        "Re-running continues where an interrupted demo stopped.")
+    p.add_argument("--out", default="qvlm-demo", help="output folder (default: ./qvlm-demo)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--smoke", action="store_true", help="a few dozen samples and steps (CI, ~2 min)")
+    size.add_argument("--full", action="store_true", help="the longer run of docs/BENCHMARKS.md")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from qvlm.demo import run_demo
+
+    mode = "smoke" if args.smoke else "full" if args.full else "default"
+    run_demo(Path(args.out), mode)
+    return 0

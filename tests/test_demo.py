@@ -1,0 +1,28 @@
+"""`qvlm demo --smoke`: the whole pipeline on the real offline bundle, end to end (issue 7)."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from qvlm.cli.main import main
+
+
+@pytest.mark.bundle
+@pytest.mark.slow
+def test_demo_smoke_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--smoke", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "easy-VQA test" in printed and "qvlm caption" in printed and "qvlm serve" in printed
+    summary = json.loads((out / "run" / "demo.json").read_text())
+    assert summary["vqa"]["n"] == 16 and 0.0 <= summary["vqa"]["exact_match"] <= 1.0
+    assert {"color", "shape", "yes/no"} <= set(summary["vqa"]["per_type"])
+    for name in ("loss.png", "similarity.png"):
+        with Image.open(out / "run" / "report" / name) as img:
+            assert img.format == "PNG" and img.size[0] > 100
+    assert "<img" in (out / "run" / "report" / "gallery.html").read_text()
+    # the run folder is an ordinary one: other commands accept it
+    image = next((out / "data" / "images" / "test").iterdir())
+    assert main(["ask", str(out / "run"), str(image), "what color is the shape?", "--json"]) == 0
+    assert "text" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -191,3 +191,42 @@ def test_image_decoding_keeps_alpha_white():
     buf = io.BytesIO()
     rgba.save(buf, format="PNG")
     assert decode_image(buf.getvalue(), 1000).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_client_leaving_mid_stream_does_not_break_the_server(client, server):
+    stream = client.chat.completions.create(model=MODEL_ID, messages=user(image_part()), max_tokens=32,
+                                            stream=True)
+    next(iter(stream))  # the role chunk, then hang up
+    stream.close()
+    resp = client.chat.completions.create(model=MODEL_ID, messages=user(image_part()), max_tokens=4)
+    assert resp.choices[0].message.content is not None
+
+
+def test_worker_batches_queued_requests_with_equal_settings():
+    from qvlm.serve.chat import GenSettings
+    from qvlm.serve.worker import Job, ModelWorker
+
+    class FakeTokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return type("Enc", (), {"input_ids": list(text)})()
+
+    class FakeModel:  # records the batch sizes it is called with
+        tokenizer = FakeTokenizer()
+        calls: list[int] = []
+
+        def answer(self, images, texts, **gen):
+            self.calls.append(len(images))
+            return [f"ok {t}" for t in texts]
+
+    worker = ModelWorker(FakeModel(), batch_size=4)
+    worker._result = lambda job, text: text  # token counting needs a real model
+    greedy, sampled = GenSettings(8, 0.0, 1.0), GenSettings(8, 0.7, 0.9)
+    jobs = [Job(sample_image(), str(i), greedy if i < 6 else sampled) for i in range(8)]
+    for job in jobs:  # all queued before the worker starts: as under load
+        worker.submit(job)
+    worker.start()
+    try:
+        assert [j.future.result(timeout=10) for j in jobs] == [f"ok {i}" for i in range(8)]
+    finally:
+        worker.stop()
+    assert FakeModel.calls == [4, 2, 2]  # greedy batch capped at 4, the rest, then the sampled pair

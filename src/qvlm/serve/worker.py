@@ -103,15 +103,18 @@ class ModelWorker:
         """`first` plus queued non-streamed jobs with the same settings, up to the batch size."""
         batch, others = [first], []
         while len(batch) < self.batch_size:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
+            if self._held:  # earlier arrivals first, so order is kept within each kind of request
+                job = self._held.popleft()
+            else:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
             if job is _STOP:
                 others.append(job)
                 break
             (batch if job.on_piece is None and job.gen == first.gen else others).append(job)
-        self._held.extend(others)
+        self._held.extendleft(reversed(others))
         return batch
 
     def _answer(self, batch: list[Job]) -> None:

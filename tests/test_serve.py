@@ -25,11 +25,15 @@ SETTINGS = ServeSettings(api_key=KEY, max_body_bytes=300_000, max_image_bytes=10
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def run_dir(tmp_path_factory):
+    return tiny_trained_run(tmp_path_factory.getbasetemp() / "serve-runs" / MODEL_ID)  # shared with the browser test
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
     from qvlm.models.vlm import QVLM
 
-    run = tiny_trained_run(tmp_path_factory.getbasetemp() / "serve-runs" / MODEL_ID)  # shared with the browser test
-    model = QVLM.from_pretrained(run)
+    model = QVLM.from_pretrained(run_dir)
     with running_server(create_app(model, MODEL_ID, SETTINGS)) as url:
         yield url
 
@@ -230,3 +234,26 @@ def test_worker_batches_queued_requests_with_equal_settings():
     finally:
         worker.stop()
     assert FakeModel.calls == [4, 2, 2]  # greedy batch capped at 4, the rest, then the sampled pair
+
+
+def test_remote_images_when_allowed(run_dir, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from qvlm.models.vlm import QVLM
+
+    (tmp_path / "red.png").write_bytes(png_bytes(sample_image()))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{images.server_address[1]}"
+    settings = ServeSettings(allow_remote_images=True)
+    try:
+        with running_server(create_app(QVLM.from_pretrained(run_dir), MODEL_ID, settings)) as url:
+            ok = httpx.post(f"{url}/v1/chat/completions", json=_body(user(image_part(f"{base}/red.png"))), timeout=30)
+            assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+            missing = httpx.post(f"{url}/v1/chat/completions", json=_body(user(image_part(f"{base}/nope.png"))))
+            assert missing.status_code == 400 and missing.json()["error"]["code"] == "image_fetch_failed"
+    finally:
+        images.shutdown()

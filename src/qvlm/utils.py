@@ -1,4 +1,4 @@
-"""Small helpers shared across stages: crash-safe writes."""
+"""Small helpers shared across stages: crash-safe folder writes."""
 
 from __future__ import annotations
 
@@ -33,16 +33,3 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a file through a temp file + rename, so readers never see half of it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

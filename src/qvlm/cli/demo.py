@@ -7,7 +7,7 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help="the whole pipeline on easy-VQA, offline, on CPU (~15 min)",
+        "demo", help="the whole pipeline on easy-VQA, offline, on CPU",
         description="Fetch the offline bundle, write easy-VQA manifests, train stage 1 and stage 2, "
         "evaluate on the test split and write the report. The model ends up in OUT/run. "
         "Re-running continues where an interrupted demo stopped.")

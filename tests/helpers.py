@@ -4,7 +4,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from qvlm.data.sequences import build_stage2_batch
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
 SHAPES = ("square", "circle")
@@ -35,3 +38,20 @@ def write_shapes_dataset(root: Path, n_train: int = 40, n_val: int = 8) -> tuple
     for name, rows in splits.items():
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root / "train.jsonl", root / "val.jsonl"
+
+
+def train_stage2_steps(model, features, prompts, answers, steps=300, lr=3e-3) -> float:
+    """Plain AdamW on one fixed stage-2 batch until the loss is below 0.01; returns the last loss."""
+    params = [p for group in model.trainable_parameters().values() for p in group]
+    opt = torch.optim.AdamW(params, lr=lr)
+    batch = build_stage2_batch(model.tokenizer, prompts, answers, model.qformer.num_queries)
+    model.train()
+    for _ in range(steps):
+        loss = model(features, **batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    model.eval()
+    return loss.item()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import train_stage2_steps
 
 from qvlm.data.sequences import IGNORE, build_stage2_batch
 from qvlm.errors import QVLMError
@@ -90,28 +91,12 @@ def test_stage1_itc_overfits_eight_pairs(tiny_config, tiny_images):
     assert loss.item() < 0.05
 
 
-def _train_stage2(model, features, prompts, answers, steps=300, lr=3e-3):
-    groups = model.trainable_parameters()
-    opt = torch.optim.AdamW([p for ps in groups.values() for p in ps], lr=lr)
-    batch = build_stage2_batch(model.tokenizer, prompts, answers, model.qformer.num_queries)
-    model.train()
-    for _ in range(steps):
-        loss = model(features, **batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.01:
-            break
-    model.eval()
-    return loss.item()
-
-
 def test_stage2_overfit_reproduces_captions(tiny_config, tiny_images):
     torch.manual_seed(0)
     model = QVLM.build(tiny_config)
     captions = ["a red cat", "two dogs", "blue sky", "an old car"]
     features = model.encode_images(tiny_images[:4])
-    _train_stage2(model, features, ["Describe this image."] * 4, captions)
+    train_stage2_steps(model, features, ["Describe this image."] * 4, captions)
     generated = model.generate_from_features(features, ["Describe this image."] * 4, max_new_tokens=20)
     assert generated == captions
     # batched (left-padded) generation equals one-at-a-time generation, prompts of different lengths
@@ -132,7 +117,7 @@ def test_frozen_parts_unchanged_trainable_parts_change(tiny_config, tiny_images)
     qformer = {k: v.clone() for k, v in model.qformer.named_parameters() if v.requires_grad}
     assert lora and all("lora_" in k for k in lora)
     features = model.encode_images(tiny_images[:2])
-    _train_stage2(model, features, ["hi", "hi"], ["a", "b"], steps=3)
+    train_stage2_steps(model, features, ["hi", "hi"], ["a", "b"], steps=3)
     assert all(p.grad is None for p in model.vision.parameters())
     for k, v in model.vision.state_dict().items():
         assert torch.equal(v, frozen[k])
@@ -149,7 +134,7 @@ def test_save_load_identical_outputs(tiny_config, tiny_images, tmp_path):
     torch.manual_seed(0)
     model = QVLM.build(tiny_config)
     features = model.encode_images(tiny_images[:2])
-    _train_stage2(model, features, ["hi", "hi"], ["a cat", "a dog"], steps=5)
+    train_stage2_steps(model, features, ["hi", "hi"], ["a cat", "a dog"], steps=5)
     batch = build_stage2_batch(model.tokenizer, ["hi", "hello"], ["a cat", "a dog"], model.qformer.num_queries)
     with torch.no_grad():
         before = model(features, **batch).logits

@@ -15,8 +15,9 @@ from PIL import Image
 
 openai = pytest.importorskip("openai")
 
+from serve_support import data_url, png_bytes, running_server, sample_image, tiny_trained_run  # noqa: E402
+
 from qvlm.serve import ServeSettings, create_app  # noqa: E402
-from qvlm.serve.testing import data_url, png_bytes, running_server, sample_image, tiny_trained_run  # noqa: E402
 
 KEY = "test-key"
 MODEL_ID = "tinyrun"

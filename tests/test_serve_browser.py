@@ -12,8 +12,9 @@ sync_api = pytest.importorskip("playwright.sync_api")
 if not os.access(CHROMIUM, os.X_OK):
     pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
 
+from serve_support import png_bytes, running_server, sample_image, tiny_trained_run  # noqa: E402
+
 from qvlm.serve import ServeSettings, create_app  # noqa: E402
-from qvlm.serve.testing import png_bytes, running_server, sample_image, tiny_trained_run  # noqa: E402
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]

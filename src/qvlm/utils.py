@@ -1,4 +1,4 @@
-"""Small helpers shared across stages: crash-safe folder writes."""
+"""Small helpers shared across stages: the cache location, crash-safe folder writes."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def cache_home() -> Path:
+    """Where qvlm keeps what it can rebuild: `$QVLM_CACHE`, default `~/.cache/qvlm`."""
+    return Path(os.environ.get("QVLM_CACHE") or "~/.cache/qvlm").expanduser()
 
 
 @contextlib.contextmanager

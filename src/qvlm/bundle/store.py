@@ -28,6 +28,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from qvlm.bundle import COMPONENTS, BundleError, Component, _check_name
+from qvlm.utils import cache_home
 
 MARKER = ".qvlm-complete.json"
 LOCK_TIMEOUT_S = 3600  # a slow mirror may need a while; a stuck lock still ends with a clear error
@@ -36,7 +37,7 @@ NETWORK_WORDS = ("connection", "network", "name resolution", "timed out", "proxy
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("QVLM_CACHE") or "~/.cache/qvlm").expanduser() / "bundle"
+    return cache_home() / "bundle"
 
 
 def component_dir(name: str) -> Path:

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from qvlm.data.cache import FeatureCache, VisionEncoder
 from qvlm.data.images import DEFAULT_MAX_CAPTION_CHARS, BadSample, DataError, SkipCounter, clean_caption
-from qvlm.data.prompts import CAPTION_PROMPTS, vqa_prompt
+from qvlm.data.prompts import CAPTION_PROMPTS, sample_caption_prompt, vqa_prompt
 from qvlm.data.records import Record
 
 
@@ -169,7 +169,7 @@ class InstructionDataset(_ImageSource):
         if entry.is_question:
             return entry.text
         rng = random.Random(hash((self.seed, self.epoch, index)))  # ints hash deterministically
-        return rng.choice(self.caption_prompts)
+        return sample_caption_prompt(rng, self.caption_prompts)
 
     def estimated_length(self, index: int) -> int:
         """Rough token count of prompt + answer (≈ 4 characters a token), for length bucketing."""

@@ -84,11 +84,6 @@ class FrozenVisionEncoder(nn.Module):
         pixel_values = pixel_values.to(self.device, dtype=next(self.backbone.parameters()).dtype)
         return self.backbone(pixel_values=pixel_values, **kwargs).last_hidden_state
 
-    def num_patches(self) -> int:
-        """P for this input size (runs one blank image; cheap and exact for every backbone)."""
-        blank = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
-        return self(blank).shape[1]
-
 
 def _processor_size(processor) -> int | None:
     """The square input side an image processor produces (crop size if it crops, else its resize)."""

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStream
 
 from qvlm import hub
 from qvlm.config import LMConfig, QVLMConfig
+from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
 from qvlm.data.sequences import build_stage2_batch
 from qvlm.errors import QVLMError
 from qvlm.models.qformer import QFormer, TextEncoderSpec
@@ -31,7 +32,6 @@ from qvlm.models.vision import FrozenVisionEncoder
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
-CAPTION_PROMPT = "Describe this image."
 
 
 def build_adapter(qformer_width: int, lm_width: int, hidden: int | None = None) -> nn.Sequential:
@@ -162,7 +162,7 @@ class QVLM(nn.Module):
     def answer(self, images: list[Image.Image], user_texts: list[str], **gen) -> list[str]:
         return self.generate_from_features(self.encode_images(images), user_texts, **gen)
 
-    def caption(self, images: list[Image.Image], prompt: str = CAPTION_PROMPT, **gen) -> list[str]:
+    def caption(self, images: list[Image.Image], prompt: str = DEFAULT_CAPTION_PROMPT, **gen) -> list[str]:
         return self.answer(images, [prompt] * len(images), **gen)
 
     def stream(self, image: Image.Image, user_text: str, **gen) -> Iterator[str]:

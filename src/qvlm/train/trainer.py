@@ -12,13 +12,13 @@ makes N processes see every sample once per epoch.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
@@ -30,9 +30,10 @@ from qvlm.data.datasets import CaptionDataset, InstructionDataset
 from qvlm.data.records import read_records
 from qvlm.errors import QVLMError
 from qvlm.eval.metrics import exact_match
-from qvlm.models.vlm import QVLM, model_folder
+from qvlm.models.vlm import QVLM, WEIGHTS_FILE, model_folder
 from qvlm.train.checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
 from qvlm.train.optim import make_optimizer, stage1_param_groups, stage2_param_groups, warmup_cosine
+from qvlm.utils import cache_home
 
 
 class Stage1Objective(nn.Module):
@@ -108,10 +109,6 @@ class MetricsLog:
             self.tb.close()
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("QVLM_CACHE") or "~/.cache/qvlm").expanduser() / "features"
-
-
 def _mixed_precision(config: QVLMConfig, stage: int) -> str:
     choice = config.stage2.mixed_precision if stage == 2 else "auto"
     if choice == "auto":  # bf16 where the hardware has it; fp32 on CPU (bf16 autocast is slower there)
@@ -123,20 +120,23 @@ def build_model(config: QVLMConfig, stage: int, init: Path | None) -> QVLM:
     """Stage 1 builds the Q-Former from its pretrained text encoder; stage 2 starts from a stage-1 run."""
     if stage == 1:
         return QVLM.build(config, stage=1)
+    if init is None:
+        return QVLM.build(config, stage=2)
+    folder = model_folder(init)
+    trained_with = QVLMConfig.load(folder / "config.json")
+    mismatch = [part for part in ("vision", "qformer") if getattr(trained_with, part) != getattr(config, part)]
+    if mismatch:
+        raise QVLMError(f"--init {init} was trained with a different {' and '.join(mismatch)} config; "
+                        "stage 2 must use the stage-1 run's vision encoder and Q-Former settings")
     model = QVLM.build(config, stage=2)
-    if init is not None:
-        stage1 = QVLM.from_pretrained(init)
-        trained_with = QVLMConfig.load(model_folder(init) / "config.json")
-        mismatch = [part for part in ("vision", "qformer")
-                    if getattr(trained_with, part) != getattr(config, part)]
-        if mismatch:
-            raise QVLMError(f"--init {init} was trained with a different {' and '.join(mismatch)} config; "
-                            "stage 2 must use the stage-1 run's vision encoder and Q-Former settings")
-        model.qformer.load_state_dict(stage1.qformer.state_dict())
+    # Only the Q-Former comes from stage 1 (the vision encoder is the same frozen one).
+    weights = load_file(folder / WEIGHTS_FILE)
+    model.qformer.load_state_dict({k.removeprefix("qformer."): v for k, v in weights.items()
+                                   if k.startswith("qformer.")})
     return model
 
 
-def _datasets(config: QVLMConfig, stage: int, model: QVLM, data: str, val: str | None, cache: FeatureCache,
+def _datasets(config: QVLMConfig, stage: int, data: str, val: str | None, cache: FeatureCache,
               accelerator: Accelerator):
     """Build the feature cache (main process first; the others then just read it) and the datasets."""
     train_records = list(read_records(data))
@@ -166,8 +166,8 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
 
     # Model, feature cache, data
     model = build_model(config, stage, Path(init) if init else None).to(accelerator.device)
-    cache = FeatureCache(config.train.feature_cache or default_cache_dir(), model.vision)
-    train_set, val_set = _datasets(config, stage, model, data, val, cache, accelerator)
+    cache = FeatureCache(config.train.feature_cache or cache_home() / "features", model.vision)
+    train_set, val_set = _datasets(config, stage, data, val, cache, accelerator)
     sampler = EpochBatchSampler(len(train_set), s.batch_size, config.train.seed,
                                 accelerator.process_index, accelerator.num_processes)
     if stage == 1:

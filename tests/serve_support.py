@@ -1,4 +1,4 @@
-"""Helpers for tests and demos: a tiny trained run, and the real server on a free loopback port."""
+"""Serving test support: a tiny trained run, and the real server on a free loopback port."""
 
 from __future__ import annotations
 
@@ -38,26 +38,16 @@ def tiny_trained_run(run: Path, steps: int = 40, lr: float = 1e-2, seed: int = 0
     if (run / "model" / "qvlm.json").is_file():
         return run
     import torch
+    from helpers import train_stage2_steps
 
     from qvlm.config import get_preset
-    from qvlm.data.sequences import build_stage2_batch
-    from qvlm.models.vlm import CAPTION_PROMPT, QVLM
+    from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
+    from qvlm.models.vlm import QVLM
 
     torch.manual_seed(seed)
     model = QVLM.build(get_preset("tiny"))
     features = model.encode_images([sample_image()])
-    batch = build_stage2_batch(model.tokenizer, [CAPTION_PROMPT], [TINY_CAPTION], model.qformer.num_queries)
-    params = [p for group in model.trainable_parameters().values() for p in group]
-    opt = torch.optim.AdamW(params, lr=lr)
-    model.train()
-    for _ in range(steps):
-        loss = model(features, **batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.01:
-            break
-    model.eval()
+    train_stage2_steps(model, features, [DEFAULT_CAPTION_PROMPT], [TINY_CAPTION], steps=steps, lr=lr)
     model.save_pretrained(run / "model")
     return run
 

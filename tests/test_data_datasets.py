@@ -11,7 +11,13 @@ from PIL import Image
 from test_data_cache import FakeEncoder  # tests/ is on sys.path under pytest
 
 from qvlm.data.cache import FeatureCache
-from qvlm.data.collate import LengthGroupedBatchSampler, Stage1Collator, Stage2Collator, same_caption_matrix
+from qvlm.data.collate import (
+    LengthGroupedBatchSampler,
+    Stage1Collator,
+    Stage2Collator,
+    positive_pairs,
+    same_caption_matrix,
+)
 from qvlm.data.datasets import CaptionDataset, InstructionDataset
 from qvlm.data.images import DataError
 from qvlm.data.prompts import CAPTION_PROMPTS, sample_caption_prompt, vqa_prompt
@@ -87,8 +93,13 @@ def test_stage1_collator_drops_bad_items():
              for c, k in [("a", "k1"), ("b", "k1"), ("A", "k2")]]
     batch = Stage1Collator()(items[:2] + [None] + items[2:])
     assert batch["features"].shape == (3, 4, 3) and batch["captions"] == ["a", "b", "A"]
-    assert batch["same_caption"].tolist() == [[True, False, True], [False, True, False], [True, False, True]]
-    assert batch["same_image"].tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    assert batch["image_keys"] == ["k1", "k1", "k2"]
+
+
+def test_positive_pairs_are_same_caption_or_same_image():
+    # "a"/"A" share a caption; "a"/"b" share image k1; "b"/"A" share neither
+    assert positive_pairs(["a", "b", "A"], ["k1", "k1", "k2"]).tolist() == [
+        [True, True, True], [True, True, False], [True, False, True]]
 
 
 def fake_build(tokenizer, user_texts, answers, num_queries, image_position="before", system_prompt=None,
@@ -150,3 +161,15 @@ def test_length_grouped_sampler():
     assert list(LengthGroupedBatchSampler(lengths, 8, 10, seed=3)) == batches
     sampler.set_epoch(1)
     assert list(sampler) != batches
+
+
+def test_length_grouped_sampler_splits_global_batches_across_ranks_and_skips():
+    lengths = [random.Random(i).randint(1, 100) for i in range(103)]
+    whole = list(LengthGroupedBatchSampler(lengths, 8, 10, seed=5, drop_last=True))  # global batch 8
+    ranks = [LengthGroupedBatchSampler(lengths, 4, 10, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    per_rank = [list(s) for s in ranks]
+    assert [a + b for a, b in zip(*per_rank, strict=True)] == whole  # same data per step as one process
+    seen = [i for b in per_rank[0] + per_rank[1] for i in b]
+    assert len(seen) == len(set(seen)) == 96  # each sample at most once; the 7 left over are dropped
+    ranks[0].skip = 3
+    assert list(ranks[0]) == per_rank[0][3:] and len(ranks[0]) == len(per_rank[0]) - 3

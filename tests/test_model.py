@@ -82,7 +82,7 @@ def test_stage1_itc_overfits_eight_pairs(tiny_config, tiny_images):
     for _ in range(200):
         sim = model.qformer.similarity(model.qformer.image_embeds(features),
                                        model.qformer.text_embeds(tokens.input_ids, tokens.attention_mask))
-        loss = model.qformer.itc_loss(sim, positives)
+        loss = model.qformer.itc_loss(sim, sim.t(), positives)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -54,7 +54,7 @@ def test_stage1_reduces_validation_loss(stage1_run):
 
 def test_stage2_reduces_validation_loss_and_writes_safe_files(shapes, stage1_run, tmp_path):
     out = tmp_path / "s2"
-    assert _train("stage2", *shapes, out, "--init", str(stage1_run), "--set", "stage2.epochs=4",
+    assert _train("stage2", *shapes, out, "--init", str(stage1_run), "--set", "stage2.epochs=8",
                   "--set", "stage2.batch_size=8", "--set", "train.eval_every=5") == 0
     val = [m for m in _metrics(out) if "val_loss" in m]
     assert val[-1]["val_loss"] < 0.8 * val[0]["val_loss"]
@@ -112,3 +112,27 @@ def test_nan_loss_stops_with_last_good_checkpoint(shapes, tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "loss became nan" in err.lower() and "last good checkpoint" in err.lower()
+
+
+def test_two_cpu_processes_match_one_process_of_the_same_global_batch(shapes, tmp_path):
+    """torchrun with 2 gloo processes of batch 4 == 1 process of batch 8: same data per step (every
+    caption once per epoch), same first-step loss and gradient norm (ITC contrasts the gathered global
+    batch), same final weights."""
+    common = ["train", "stage1", "--preset", "tiny", "--data", str(shapes[0]), "--set", "stage1.epochs=1",
+              "--set", "stage1.itm_weight=0", "--set", "stage1.itg_weight=0"]
+    env = {**os.environ, "QVLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "qvlm.cli.main", *common, "--out", str(tmp_path / "one"),
+                          "--set", "stage1.batch_size=8"], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "qvlm.cli.main", *common, "--out", str(tmp_path / "two"),
+                          "--set", "stage1.batch_size=4"], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    logs = {name: [m for m in _metrics(tmp_path / name) if "itc" in m] for name in ("one", "two")}
+    assert [m["step"] for m in logs["two"]] == [1, 2, 3, 4, 5]  # 40 captions / (2 x 4) per step
+    assert [m["step"] for m in logs["one"]] == [1, 2, 3, 4, 5]
+    for key in ("loss", "grad_norm"):
+        assert logs["two"][0][key] == pytest.approx(logs["one"][0][key], rel=1e-4)
+    a = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

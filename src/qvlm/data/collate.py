@@ -36,6 +36,15 @@ def _same_key_matrix(keys: Sequence[str]) -> torch.Tensor:
     return codes[:, None] == codes[None, :]
 
 
+def positive_pairs(captions: Sequence[str], image_keys: Sequence[str]) -> torch.Tensor:
+    """bool `[B, B]`: the true image-text pairs of a contrastive batch of (image, caption) items.
+
+    Item i's image matches item j's caption when the captions are equal (`same_caption_matrix`) or
+    both captions belong to the same image.
+    """
+    return same_caption_matrix(captions) | _same_key_matrix(image_keys)
+
+
 def _stack_image(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """features `[B, P, Dv]` or pixel_values `[B, 3, H, W]`, whichever the items carry."""
     name = "features" if "features" in items[0] else "pixel_values"
@@ -45,9 +54,8 @@ def _stack_image(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 class Stage1Collator:
     """Batch for contrastive alignment.
 
-    Returns {features | pixel_values, captions: list[str], image_keys: list[str],
-    same_caption: bool [B, B], same_image: bool [B, B]}. `same_image` marks two captions of one image
-    in the batch; a loss that wants every true positive uses `same_caption | same_image`.
+    Returns {features | pixel_values, captions: list[str], image_keys: list[str]}; the loss derives the
+    positives with `positive_pairs` (over the batch of all processes when training on several).
     """
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
@@ -56,8 +64,7 @@ class Stage1Collator:
             return {}
         captions = [item["caption"] for item in items]
         keys = [item["image_key"] for item in items]
-        return {**_stack_image(items), "captions": captions, "image_keys": keys,
-                "same_caption": same_caption_matrix(captions), "same_image": _same_key_matrix(keys)}
+        return {**_stack_image(items), "captions": captions, "image_keys": keys}
 
 
 class Stage2Collator:
@@ -101,17 +108,23 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     Indices are shuffled, cut into mega-batches of `mega_batch_mult × batch_size`, sorted by length
     (longest first) inside each, cut into batches; then the batch order is shuffled. Seeded by
     (seed, epoch); call `set_epoch` each epoch.
+
+    Several processes: batches are global (`batch_size × world_size`) and process `rank` yields its
+    slice of each, so every sample is seen once per epoch. `skip` leaves out the first batches of the
+    epoch (resuming mid-epoch); the order depends only on (seed, epoch), so a resumed run continues
+    exactly where it stopped.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, mega_batch_mult: int = 50, seed: int = 0,
-                 drop_last: bool = False, shuffle: bool = True):
+                 drop_last: bool = False, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.lengths = list(lengths)
         self.batch_size = batch_size
-        self.mega = max(1, mega_batch_mult) * batch_size
-        self.seed, self.epoch = seed, 0
-        self.drop_last, self.shuffle = drop_last, shuffle
+        self.rank, self.global_batch = rank, batch_size * world_size
+        self.mega = max(1, mega_batch_mult) * self.global_batch
+        self.seed, self.epoch, self.skip = seed, 0, 0
+        self.drop_last, self.shuffle = drop_last or world_size > 1, shuffle  # slices need full batches
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -124,16 +137,18 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         batches: list[list[int]] = []
         for start in range(0, len(order), self.mega):
             mega = sorted(order[start:start + self.mega], key=lambda i: -self.lengths[i])
-            batches.extend(mega[i:i + self.batch_size] for i in range(0, len(mega), self.batch_size))
+            batches.extend(mega[i:i + self.global_batch] for i in range(0, len(mega), self.global_batch))
         if self.drop_last:
-            batches = [b for b in batches if len(b) == self.batch_size]
+            batches = [b for b in batches if len(b) == self.global_batch]
         if self.shuffle:
             rng.shuffle(batches)
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
+        start = self.rank * self.batch_size
+        for batch in self.batches()[self.skip:]:
+            yield batch[start:start + self.batch_size]
 
     def __len__(self) -> int:
         # Short batches can close every mega-batch, so count them the way they are made.
-        return len(self.batches())
+        return max(0, len(self.batches()) - self.skip)

@@ -286,13 +286,17 @@ class QFormer(nn.Module):
 
     # -- the three stage-1 objectives --------------------------------------------------------------
 
-    def itc_loss(self, sim: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-        """Symmetric InfoNCE. sim [B, B] cosine; positives bool [B, B] (repeated captions count as
-        positives, not false negatives): the target distribution is uniform over a row's positives."""
-        logits = sim * self.inv_temperature
-        targets = positives.float()
-        i2t = -(targets / targets.sum(1, keepdim=True) * logits.log_softmax(dim=1)).sum(1).mean()
-        t2i = -(targets / targets.sum(0, keepdim=True) * logits.log_softmax(dim=0)).sum(0).mean()
+    def itc_loss(self, sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE over the rows of this process's b items against all B items of the batch.
+
+        sim_i2t [b, B]: its images vs every caption; sim_t2i [b, B]: its captions vs every image;
+        positives bool [b, B] (pairs are symmetric, so one matrix serves both directions). Repeated
+        captions count as positives, not false negatives: the target is uniform over a row's positives.
+        On one process b == B, sim_t2i == sim_i2t.T.
+        """
+        targets = positives.float() / positives.sum(1, keepdim=True)
+        i2t = -(targets * (sim_i2t * self.inv_temperature).log_softmax(dim=1)).sum(1).mean()
+        t2i = -(targets * (sim_t2i * self.inv_temperature).log_softmax(dim=1)).sum(1).mean()
         return (i2t + t2i) / 2
 
     def itm_loss(self, vision: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor,

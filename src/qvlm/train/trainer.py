@@ -5,13 +5,14 @@ optionally the Q-Former) to generate answers. Accelerate handles devices, mixed 
 multi-process data parallelism (`accelerate launch --num_processes N qvlm train ...`).
 
 Data order is a pure function of (seed, epoch): each epoch is a seeded permutation cut into global
-batches, each process taking its slice. That makes `--resume` exact (skip the batches already done) and
+batches (grouped by length in stage 2), each process taking its slice. That makes `--resume` exact (skip the batches already done) and
 makes N processes see every sample once per epoch.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -20,12 +21,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from qvlm.config import QVLMConfig
 from qvlm.data.cache import FeatureCache
-from qvlm.data.collate import Stage1Collator, Stage2Collator
+from qvlm.data.collate import LengthGroupedBatchSampler, Stage1Collator, Stage2Collator, positive_pairs
 from qvlm.data.datasets import CaptionDataset, InstructionDataset
 from qvlm.data.records import read_records
 from qvlm.errors import QVLMError
@@ -46,41 +47,59 @@ class Stage1Objective(nn.Module):
         self.weights = config.stage1
         self.max_len = config.qformer.max_text_len
 
-    def forward(self, features: torch.Tensor, captions: list[str], positives: torch.Tensor) -> dict:
-        """features [B, P, Dv], B captions, positives bool [B, B] -> {"loss", "itc", ["itm"], ["itg"]}."""
+    def forward(self, features: torch.Tensor, captions: list[str], image_keys: list[str]) -> dict:
+        """features [b, P, Dv] and b captions of this process -> {"loss", "itc", ["itm"], ["itg"], "r1"}.
+
+        With several processes, ITC contrasts this process's items against the whole global batch
+        (embeddings gathered with gradients, as BLIP-2 does), so N processes of batch b compute the
+        same loss and gradient as one process of batch N*b. ITM and ITG stay within the local batch.
+        """
         tokens = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_len,
                                 return_tensors="pt").to(features.device)
         ids, mask = tokens.input_ids, tokens.attention_mask
-        sim = self.qformer.similarity(self.qformer.image_embeds(features), self.qformer.text_embeds(ids, mask))
-        losses = {"itc": self.qformer.itc_loss(sim, positives)}
+        image_embeds = self.qformer.image_embeds(features)  # [b, Nq, E]
+        text_embeds = self.qformer.text_embeds(ids, mask)  # [b, E]
+        all_images, offset = _gather_with_grad(image_embeds)  # [B, Nq, E]
+        all_texts, _ = _gather_with_grad(text_embeds)  # [B, E]
+        local = slice(offset, offset + len(captions))
+        positives = positive_pairs(_gather_objects(captions), _gather_objects(image_keys))[local]
+        positives = positives.to(features.device)  # [b, B]
+        sim_i2t = self.qformer.similarity(image_embeds, all_texts)  # [b, B]
+        sim_t2i = self.qformer.similarity(all_images, text_embeds).t()  # [b, B]
+        losses = {"itc": self.qformer.itc_loss(sim_i2t, sim_t2i, positives)}
         if self.weights.itm_weight > 0:
-            losses["itm"] = self.qformer.itm_loss(features, ids, mask, sim.detach(), positives)
+            losses["itm"] = self.qformer.itm_loss(features, ids, mask, sim_i2t[:, local].detach(),
+                                                  positives[:, local])
         if self.weights.itg_weight > 0:
             losses["itg"] = self.qformer.itg_loss(features, ids, mask)
         w = {"itc": self.weights.itc_weight, "itm": self.weights.itm_weight, "itg": self.weights.itg_weight}
         losses["loss"] = sum(w[k] * v for k, v in losses.items())
-        losses["r1"] = (sim.argmax(1) == torch.arange(len(sim), device=sim.device)).float().mean().detach()
+        # image->text R@1 over the global batch: is the best-scoring caption a true pair?
+        losses["r1"] = positives.gather(1, sim_i2t.argmax(1, keepdim=True)).float().mean().detach()
         return losses
 
 
-class EpochBatchSampler(Sampler[list[int]]):
-    """Seeded permutation per epoch, cut into global batches; this process yields its slice of each.
-    `skip` batches at the start of the first epoch are left out (resume)."""
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.epoch, self.skip = 0, 0
-        self.global_batch = batch_size * world
 
-    def __len__(self) -> int:
-        return max(1, self.n // self.global_batch) - self.skip  # drop_last keeps every batch full
+def _gather_with_grad(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate every process's [b, ...] tensor (gradients flow back to each owner); return it and
+    the offset of this process's rows. Identity on one process."""
+    if not _distributed():
+        return local, 0
+    from torch.distributed.nn.functional import all_gather
 
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        for b in range(self.skip, max(1, self.n // self.global_batch)):
-            start = b * self.global_batch + self.rank * self.batch_size
-            yield order[start:start + self.batch_size]
+    return torch.cat(all_gather(local)), torch.distributed.get_rank() * local.shape[0]
+
+
+def _gather_objects(local: list) -> list:
+    if not _distributed():
+        return local
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, local)
+    return [x for part in parts for x in part]
 
 
 class MetricsLog:
@@ -107,6 +126,11 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _multi_cpu() -> bool:
+    """Under torchrun without a GPU, Accelerate starts gloo data parallelism only when told `cpu=True`."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _mixed_precision(config: QVLMConfig, stage: int) -> str:
@@ -159,7 +183,7 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
     """Train one stage; the final model lands in `out/model` (loadable with `QVLM.from_pretrained`)."""
     out = Path(out)
     s = config.stage1 if stage == 1 else config.stage2
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config, stage),
+    accelerator = Accelerator(mixed_precision=_mixed_precision(config, stage), cpu=_multi_cpu(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     _prepare_run_folder(out, config, stage, resume, accelerator)
     set_seed(config.train.seed)
@@ -168,8 +192,14 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
     model = build_model(config, stage, Path(init) if init else None).to(accelerator.device)
     cache = FeatureCache(config.train.feature_cache or cache_home() / "features", model.vision)
     train_set, val_set = _datasets(config, stage, data, val, cache, accelerator)
-    sampler = EpochBatchSampler(len(train_set), s.batch_size, config.train.seed,
-                                accelerator.process_index, accelerator.num_processes)
+    # Stage 2 groups samples of similar length (less padding); stage 1 keeps batches random, since
+    # grouping captions by length would make contrastive negatives easier.
+    lengths = train_set.lengths() if stage == 2 else [0] * len(train_set)
+    sampler = LengthGroupedBatchSampler(lengths, s.batch_size, seed=config.train.seed, drop_last=True,
+                                        rank=accelerator.process_index, world_size=accelerator.num_processes)
+    if len(sampler) == 0:
+        raise QVLMError(f"{len(train_set)} training samples make no full batch of "
+                        f"{s.batch_size * accelerator.num_processes}; lower stage{stage}.batch_size")
     if stage == 1:
         objective, collate = Stage1Objective(model, config), Stage1Collator()
     else:
@@ -200,7 +230,8 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
     samples, tick = 0, time.perf_counter()
     last_good = last
     while position.step < total_steps and position.epoch < s.epochs:
-        sampler.epoch, sampler.skip = position.epoch, position.batch_in_epoch
+        sampler.set_epoch(position.epoch)
+        sampler.skip = position.batch_in_epoch
         if stage == 2:
             train_set.set_epoch(position.epoch)
         model.train()
@@ -217,8 +248,9 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
             samples += len(batch["features"]) * accelerator.num_processes
             if position.batch_in_epoch % s.grad_accum:
                 continue
+            grad_norm = None
             if s.grad_clip:
-                accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], s.grad_clip)
+                grad_norm = accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], s.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -226,9 +258,13 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
             bar.update(1)
             if position.step % config.train.log_every == 0 or position.step == total_steps:
                 elapsed = time.perf_counter() - tick
+                # mean over processes, so the log shows the global batch's loss
+                means = accelerator.reduce(torch.stack([v.detach().float() for v in out_losses.values()]), "mean")
                 record = {"stage": f"stage{stage}", "step": position.step, "epoch": position.epoch,
-                          **{k: round(float(v.detach()), 5) for k, v in out_losses.items()},
+                          **{k: round(float(v), 5) for k, v in zip(out_losses, means, strict=True)},
                           "lr": scheduler.get_last_lr()[-1], "samples_per_s": round(samples / elapsed, 2)}
+                if grad_norm is not None:
+                    record["grad_norm"] = round(float(grad_norm), 6)
                 log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                 sps=f"{record['samples_per_s']:.1f}")
@@ -260,8 +296,7 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
 def _step_loss(wrapped, batch: dict, stage: int, device) -> dict:
     features = batch["features"].to(device, non_blocking=True)
     if stage == 1:
-        positives = (batch["same_caption"] | batch["same_image"]).to(device)
-        return wrapped(features, batch["captions"], positives)
+        return wrapped(features, batch["captions"], batch["image_keys"])
     out = wrapped(features, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                   batch["image_mask"].to(device), batch["labels"].to(device))
     return {"loss": out.loss}

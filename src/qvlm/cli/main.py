@@ -10,7 +10,7 @@ import warnings
 from qvlm import __version__
 
 # Modules under qvlm.cli, each exposing `register(subparsers)`; the order is the order in --help.
-COMMAND_MODULES: list[str] = ["info", "fetch", "data", "train", "infer", "evaluate", "report", "search", "serve", "demo"]
+COMMAND_MODULES: list[str] = ["info", "fetch", "data", "train", "infer", "evaluate", "report", "search", "serve", "demo", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,7 +44,9 @@ def build_lm(cfg: LMConfig, device: str | torch.device = "cpu", weights_from: st
     """The frozen causal LM wrapped with LoRA (peft). Returns (peft_model, tokenizer)."""
     source = weights_from or cfg.name
     if cfg.random_init is not None and weights_from is None:
-        lm, tokenizer = random_model(AutoModelForCausalLM, cfg.random_init, device=device), tiny_lm_tokenizer()
+        lm = random_model(AutoModelForCausalLM, cfg.random_init, device=device)
+        tokenizer = tiny_lm_tokenizer() if cfg.tokenizer is None else hub.from_pretrained(
+            AutoTokenizer.from_pretrained, cfg.tokenizer, "LM tokenizer")
     else:
         lm = hub.from_pretrained(AutoModelForCausalLM.from_pretrained, source, "language model",
                                  dtype=getattr(torch, cfg.dtype))

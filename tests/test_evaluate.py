@@ -187,3 +187,21 @@ def test_write_report_stage1_has_no_gallery(models, stage1_run, data, tmp_path):
     paths = write_report(models[0], stage1_run, records, out_dir=tmp_path / "rep", n_grid=3)
     assert set(paths) == {"similarity"}  # no metrics.jsonl in this run, no LM for a gallery
     _assert_png(paths["similarity"])
+
+
+def test_retrieval_caption_matching_counts_equal_captions_as_correct(models, tmp_path):
+    # Every image has the same caption: with match="caption" every pair is correct (R@1 = 1 both ways);
+    # with match="image" the identical texts tie, and ties count against a hit.
+    rng = np.random.default_rng(1)
+    lines = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": "a Red  square"}))
+        lines.append(json.dumps({"image": f"{i}.png", "caption": "a red square"}))
+    (tmp_path / "same.jsonl").write_text("\n".join(lines) + "\n")
+    records, _ = load_records(tmp_path / "same.jsonl")
+    stage1, _ = models
+    by_caption = evaluate_retrieval(stage1, records, itm=False, match="caption")
+    assert by_caption["i2t_r1"] == 1.0 and by_caption["t2i_r1"] == 1.0
+    by_image = evaluate_retrieval(stage1, records, itm=False, match="image")
+    assert by_image["t2i_r1"] < 1.0

@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="encode images without the feature cache")
     p.add_argument("--itm-top-k", type=int, default=16, help="retrieval: ITM re-ranks this many candidates")
     p.add_argument("--no-itm", action="store_true", help="retrieval: skip ITM re-ranking")
+    p.add_argument("--match", choices=("image", "caption"), default="image",
+                   help="retrieval: a caption matches its own image (default), or every image with an "
+                   "equal caption (data whose captions repeat, e.g. easy-VQA)")
     add_generation_args(p, max_new_tokens=32)
     p.set_defaults(func=run)
 
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     cache = None if args.no_cache else (args.cache or run_dir / "cache")
     common = {"batch_size": args.batch_size, "cache": cache, "limit": args.limit}
     if args.task == "retrieval":
-        result = evaluate_retrieval(model, records, itm=False if args.no_itm else None,
+        result = evaluate_retrieval(model, records, itm=False if args.no_itm else None, match=args.match,
                                     itm_top_k=args.itm_top_k, **common)
     elif args.task == "caption":
         result = evaluate_captions(model, records, **common, **gen)

@@ -17,9 +17,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from qvlm.data.cache import FeatureCache
+from qvlm.data.collate import normalise_caption
 from qvlm.data.images import BadSample, SkipCounter
 from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT, vqa_prompt
 from qvlm.data.records import Record, read_records
@@ -191,6 +193,7 @@ def evaluate_retrieval(
     limit: int | None = None,
     itm: bool | None = None,
     itm_top_k: int = DEFAULT_ITM_TOP_K,
+    match: str = "image",
 ) -> dict[str, Any]:
     """Image<->text Recall@1/5/10 with the Q-Former's ITC similarity (several captions per image).
 
@@ -200,6 +203,9 @@ def evaluate_retrieval(
         limit: evaluate the first N distinct images only.
         itm: re-rank the top ``itm_top_k`` candidates with the ITM head (default: when the config
             trained it, ``stage1.itm_weight > 0``).
+        match: ``"image"``: a caption is correct for its own image only (COCO/Flickr protocol);
+            ``"caption"``: for every image that has an equal caption (after lower-casing and collapsing
+            whitespace) — for data whose captions repeat, like easy-VQA's 24 distinct ones.
 
     Returns:
         ``recall_at_k``'s keys (``i2t_r1`` ... ``t2i_r10``, ``mean_recall``, ``n_images``,
@@ -226,7 +232,13 @@ def evaluate_retrieval(
     texts = [c for rec in kept for c in by_key[rec.key]]
     owner = [i for i, rec in enumerate(kept) for _ in by_key[rec.key]]
     sim = model.qformer.similarity(torch.cat(img_embeds), text_embeddings(model, texts, batch_size))
-    positives = positives_from_groups(owner, list(range(len(kept))))
+    if match == "caption":
+        captions_of = [{normalise_caption(c) for c in by_key[rec.key]} for rec in kept]
+        positives = np.array([[normalise_caption(t) in caps for t in texts] for caps in captions_of])
+    elif match == "image":
+        positives = positives_from_groups(owner, list(range(len(kept))))
+    else:
+        raise ValueError(f"match must be 'image' or 'caption', got {match!r}")
     result = recall_at_k(sim, positives)
     if use_itm:
         result |= _itm_reranked(model, torch.cat(features), texts, sim.float().cpu(), positives,

@@ -29,9 +29,9 @@ class DemoPlan:
 
 PLANS = {
     "smoke": DemoPlan(train_images=24, stage1_steps=3, stage2_steps=3, eval_questions=16, eval_images=16),
-    "default": DemoPlan(train_images=None, stage1_steps=150, stage2_steps=220, eval_questions=2000,
+    "default": DemoPlan(train_images=None, stage1_steps=130, stage2_steps=200, eval_questions=2000,
                         eval_images=500),
-    "full": DemoPlan(train_images=None, stage1_steps=600, stage2_steps=2400, eval_questions=9673,
+    "full": DemoPlan(train_images=None, stage1_steps=300, stage2_steps=900, eval_questions=9673,
                      eval_images=1000),
 }
 

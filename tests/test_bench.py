@@ -7,16 +7,26 @@ from qvlm.cli.main import main
 
 def test_bench_tiny_compare_baseline_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--compare-baseline", "--steps", "1",
-                 "--warmup", "0", "--json-out", str(out)]) == 0
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--compare-baseline", "--ablate",
+                 "--steps", "1", "--warmup", "0", "--json-out", str(out)]) == 0
     result = json.loads(out.read_text())
     for stage in ("stage1", "stage2"):
         fast, base = result[stage]["fast"], result[stage]["baseline"]
         assert fast["samples_per_s"] > 0 and base["samples_per_s"] > 0 and base["batch"] == 8
         assert abs(result[stage]["speedup"] - fast["samples_per_s"] / base["samples_per_s"]) < 1e-9
-    assert result["stage2"]["baseline"]["bf16"] is True  # the article's LM runs under bf16 autocast
+    # the article's LM runs under bf16 autocast, its Q-Former in fp32, both without a feature cache
+    assert result["stage2"]["baseline"]["recipe"]["bf16"] and not result["stage1"]["baseline"]["recipe"]["bf16"]
+    assert not result["stage2"]["baseline"]["recipe"]["feature_cache"]
+    assert not result["stage2"]["baseline"]["recipe"]["labelled_logits"]
+    assert result["stage2"]["fast"]["recipe"]["labelled_logits"] and result["stage2"]["fast"]["tflops"] > 0
+    # each fast path turned off alone, measured in the same run
+    common = {"encoder per sample in the loop", "batch 8", "unfused AdamW"}
+    assert common <= set(result["stage1"]["ablation"])
+    assert common | {"logits at every position"} <= set(result["stage2"]["ablation"])
+    assert result["stage2"]["ablation"]["batch 8"]["batch"] == 8
     assert result["stage2"]["fast"]["seq_len"] == result["stage2"]["baseline"]["seq_len"]
     assert result["extract"]["images_per_s"] > 0 and result["generate"]["batched"]["tokens_per_s"] > 0
     assert result["projected_hours"]["fast"] > 0 and result["projected_hours"]["baseline"] > 0
     assert result["peak_memory_gib"] > 0
-    assert "speedup" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "turned off alone" in printed

@@ -91,6 +91,26 @@ def test_stage1_itc_overfits_eight_pairs(tiny_config, tiny_images):
     assert loss.item() < 0.05
 
 
+def test_loss_on_labelled_window_equals_loss_on_all_logits(tiny_config, tiny_images):
+    """The fast loss (logits only where targets are) is the full cross-entropy, value and gradients."""
+    torch.manual_seed(0)
+    model = QVLM.build(tiny_config)
+    features = model.encode_images(tiny_images[:3])
+    batch = build_stage2_batch(model.tokenizer, ["q", "a much longer question here", "what?"],
+                               ["a fairly long answer of many words", "no", "two dogs"], num_queries=4)
+    losses, grads = [], []
+    for all_logits in (True, False):
+        model.zero_grad()
+        out = model(features, **batch, all_logits=all_logits)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.adapter.parameters()]))
+    window = batch["labels"].shape[1] - int((batch["labels"] != IGNORE).int().argmax(-1).min())
+    assert out.logits.shape[:2] == (3, window) and window < batch["labels"].shape[1] - 1
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_stage2_overfit_reproduces_captions(tiny_config, tiny_images):
     torch.manual_seed(0)
     model = QVLM.build(tiny_config)

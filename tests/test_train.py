@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import write_shapes_dataset
 from safetensors.torch import load_file
 
@@ -68,6 +69,19 @@ def test_stage2_reduces_validation_loss_and_writes_safe_files(shapes, stage1_run
             else:
                 head = path.read_bytes()[:2]
                 assert head[:1] != b"\x80" and head != b"PK", f"{path} looks like a pickle/torch.save file"
+
+
+def test_stage2_in_bf16_learns_and_saves_fp32_weights(shapes, stage1_run, tmp_path):
+    """The CPU/GPU bf16 path: frozen LM in bf16, math attention on CPU, trainable weights kept fp32."""
+    out = tmp_path / "s2bf16"
+    assert _train("stage2", *shapes, out, "--init", str(stage1_run), "--set", "stage2.epochs=8",
+                  "--set", "stage2.batch_size=8", "--set", "train.eval_every=5",
+                  "--set", "stage2.mixed_precision=bf16") == 0
+    val = [m for m in _metrics(out) if "val_loss" in m]
+    assert val[-1]["val_loss"] < 0.8 * val[0]["val_loss"]
+    weights = load_file(out / "model" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    assert any("lora_A" in k for k in weights)
 
 
 def test_stage2_rejects_missing_or_mismatched_init(shapes, stage1_run, tmp_path, capsys):

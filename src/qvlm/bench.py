@@ -3,11 +3,14 @@
 Random weights at the preset's real sizes (no download), synthetic images and captions of realistic
 length. Each figure is samples (or images, tokens) per second over a few timed steps after warm-up.
 
-Fast mode is how qvlm trains: patch features come from the feature cache (the encoder ran once, before
-training; its cost is the separate `extract` figure), large batches, fused AdamW on CUDA, bf16 autocast
-only where the hardware has bf16 units. Baseline mode is how the article's code trains: the vision
-encoder runs per sample inside the loop (its `Dataset.__getitem__`), batch 8, bf16 autocast on the LM,
-no cache. Both use the same model sizes, prompts and answers, so `speedup` is a like-for-like ratio.
+A `Recipe` says how a training step runs. `fast` is how qvlm trains: patch features from the feature
+cache (the encoder ran once, before training; its cost is the separate `extract` figure), large batches,
+bf16 where the hardware has bf16 units (GPUs, AMX CPUs) with the frozen LM stored in bf16 and, on CPU,
+the plain-matmul attention kernel, the vocabulary projection only where targets are, fused AdamW. The
+baseline is how the article's code trains: the vision encoder per sample inside the loop (its
+`Dataset.__getitem__`), batch 8, bf16 autocast on the LM only, logits everywhere, default kernels, no
+cache. Both use the same model sizes, prompts and answers, so `speedup` is a like-for-like ratio.
+`--ablate` turns each fast path off alone, to show what each one is worth.
 """
 
 from __future__ import annotations
@@ -17,21 +20,50 @@ import random
 import resource
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from qvlm.config import QVLMConfig
 from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
 from qvlm.data.sequences import build_stage2_batch
 from qvlm.models.vlm import QVLM
+from qvlm.train import precision
 from qvlm.train.optim import make_optimizer, stage1_param_groups, stage2_param_groups
 from qvlm.train.trainer import Stage1Objective
 
 WORDS = ("a dog runs on the beach near the water while a man in a red shirt throws a ball "
          "two children play football in a green park under a cloudy sky").split()
 PAIRS, STAGE1_EPOCHS, STAGE2_EPOCHS = 50_000, 10, 5  # the reference recipe
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets, for model FLOPs utilisation; first match wins.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a training step runs. Fields are the fast paths; `batch=None` is the device's fast default."""
+
+    feature_cache: bool = True  # else the encoder runs per sample inside the loop
+    batch: int | None = None
+    bf16: bool = True  # autocast (the whole step in fast mode; the LM only in the baseline)
+    frozen_bf16: bool = True  # frozen LM weights stored in bf16, not re-cast at every call
+    math_attention: bool = True  # CPU + bf16: matmul + softmax attention (see train/precision.py)
+    labelled_logits: bool = True  # vocabulary projection only where targets are
+    fused_adamw: bool = True
+
+
+# The article autocasts its LM to bf16 (stage 2) and trains the Q-Former in fp32 (stage 1).
+BASELINE = {2: Recipe(feature_cache=False, batch=8, frozen_bf16=False, math_attention=False,
+                      labelled_logits=False, fused_adamw=False)}
+BASELINE[1] = replace(BASELINE[2], bf16=False)
+ABLATIONS = {"feature_cache": "encoder per sample in the loop", "batch": "batch 8",
+             "bf16": "fp32 (no bf16)", "frozen_bf16": "frozen LM kept fp32",
+             "math_attention": "default attention kernel", "labelled_logits": "logits at every position",
+             "fused_adamw": "unfused AdamW"}
 
 
 def synthetic_batch(n: int, size: int, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
@@ -54,6 +86,13 @@ def _timed(step, warmup: int, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def _counted_flops(step) -> int:
+    """FLOPs of one call of `step()` (forward + backward), counted by PyTorch per operator."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -64,17 +103,24 @@ def _autocast(device: torch.device, bf16: bool):
 
 
 class Bench:
-    def __init__(self, config: QVLMConfig, device: torch.device, steps: int, warmup: int):
+    def __init__(self, config: QVLMConfig, device: torch.device, steps: int, warmup: int,
+                 fast_batches: tuple[int, int]):
         self.config, self.device, self.steps, self.warmup = config, device, steps, warmup
         self.model = QVLM.build(config, stage=2, device="cpu").to(device)
         self.size = self.model.vision.image_size
-        self.bf16_fast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.has_bf16 = precision.resolve("auto", device) == "bf16"
+        self.fast_batches = fast_batches
+        self.peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items()
+                                if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+
+    def fast(self) -> Recipe:
+        return Recipe(bf16=self.has_bf16, frozen_bf16=self.has_bf16, math_attention=self.has_bf16)
 
     def extract(self, batch: int) -> dict:
         """Feature extraction (what building the cache costs), images/s."""
         images, _ = synthetic_batch(batch, self.size)
         pixels = self.model.vision.preprocess(images).to(self.device)
-        with torch.inference_mode(), _autocast(self.device, self.bf16_fast):
+        with torch.inference_mode(), _autocast(self.device, self.has_bf16):
             seconds = _timed(lambda: self.model.vision(pixels), self.warmup, self.steps, self.device)
         return {"batch": batch, "images_per_s": batch / seconds}
 
@@ -83,46 +129,66 @@ class Bench:
             return torch.cat([self.model.encode_images([img]) for img in images])
         return self.model.encode_images(images)
 
-    def stage1(self, batch: int, baseline: bool) -> dict:
-        objective = Stage1Objective(self.model, self.config)
-        optimizer = make_optimizer(stage1_param_groups(self.model, self.config))
-        images, captions = synthetic_batch(batch, self.size, seed=1)
-        keys = [str(i) for i in range(batch)]
-        cached = None if baseline else self._features(images, per_sample=False)
+    def _measure(self, recipe: Recipe, loss_fn, params: list[dict], batch: int, images) -> dict:
+        """Time `loss_fn(features)` + backward + AdamW under `recipe`; FLOPs counted on the first call."""
+        optimizer = make_optimizer(params) if recipe.fused_adamw else torch.optim.AdamW(params, betas=(0.9, 0.98))
+        cached = self._features(images, per_sample=False) if recipe.feature_cache else None
+        mode = "bf16" if recipe.bf16 and recipe.math_attention else "no"
         self.model.train()
 
         def step():
-            features = self._features(images, per_sample=True) if baseline else cached
-            with _autocast(self.device, self.bf16_fast and not baseline):
-                loss = objective(features, captions, keys)["loss"]
+            features = cached if recipe.feature_cache else self._features(images, per_sample=True)
+            with precision.attention_kernels(self.device, mode), _autocast(self.device, recipe.bf16):
+                loss = loss_fn(features)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        return {"batch": batch, "samples_per_s": batch / _timed(step, self.warmup, self.steps, self.device)}
+        flops = _counted_flops(step)
+        seconds = _timed(step, max(0, self.warmup - 1), self.steps, self.device)
+        result = {"batch": batch, "samples_per_s": batch / seconds, "tflops": flops / seconds / 1e12,
+                  "recipe": asdict(recipe)}
+        if self.peak_flops:
+            result["mfu"] = flops / seconds / self.peak_flops
+        return result
 
-    def stage2(self, batch: int, baseline: bool) -> dict:
-        optimizer = make_optimizer(stage2_param_groups(self.model, self.config))
+    def stage1(self, recipe: Recipe) -> dict:
+        batch = recipe.batch or self.fast_batches[0]
+        objective = Stage1Objective(self.model, self.config)
+        images, captions = synthetic_batch(batch, self.size, seed=1)
+        keys = [str(i) for i in range(batch)]
+        return self._measure(recipe, lambda f: objective(f, captions, keys)["loss"],
+                             stage1_param_groups(self.model, self.config), batch, images)
+
+    def stage2(self, recipe: Recipe) -> dict:
+        batch = recipe.batch or self.fast_batches[1]
         images, captions = synthetic_batch(batch, self.size, seed=2)
         tokens = build_stage2_batch(self.model.tokenizer, [DEFAULT_CAPTION_PROMPT] * batch, captions,
                                     self.config.qformer.num_queries, self.config.lm.image_position,
                                     self.config.lm.system_prompt)
         tokens = {k: v.to(self.device) for k, v in tokens.items()}
-        cached = None if baseline else self._features(images, per_sample=False)
-        bf16 = baseline or self.bf16_fast  # the article autocasts its LM to bf16 everywhere
-        self.model.train()
+        frozen = torch.bfloat16 if recipe.bf16 and recipe.frozen_bf16 else torch.float32
+        precision.store_frozen_in(self.model.lm, frozen)
+        result = self._measure(recipe, lambda f: self.model(f, **tokens, all_logits=not recipe.labelled_logits).loss,
+                               stage2_param_groups(self.model, self.config), batch, images)
+        precision.store_frozen_in(self.model.lm, torch.float32)
+        return {**result, "seq_len": tokens["input_ids"].shape[1]}
 
-        def step():
-            features = self._features(images, per_sample=True) if baseline else cached
-            with _autocast(self.device, bf16):
-                loss = self.model(features, **tokens).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        seconds = _timed(step, self.warmup, self.steps, self.device)
-        return {"batch": batch, "seq_len": tokens["input_ids"].shape[1], "bf16": bf16,
-                "samples_per_s": batch / seconds}
+    def ablation(self, stage: int) -> dict:
+        """The fast recipe with each applicable fast path turned off alone."""
+        fast, measure = self.fast(), (self.stage1 if stage == 1 else self.stage2)
+        rows = {}
+        for name, label in ABLATIONS.items():
+            if stage == 1 and name in ("frozen_bf16", "labelled_logits"):
+                continue  # stage 1 has no LM
+            if name == "batch":
+                variant = replace(fast, batch=8)
+            elif getattr(fast, name):
+                variant = replace(fast, **{name: False})
+            else:
+                continue  # already off on this hardware
+            rows[label] = measure(variant)
+        return rows
 
     def generate(self, batch: int, new_tokens: int = 16) -> dict:
         """Greedy decoding of exactly `new_tokens` tokens (EOS disabled): latency and tokens/s."""
@@ -132,7 +198,7 @@ class Bench:
         inputs = self.model._generation_inputs(features, [DEFAULT_CAPTION_PROMPT] * batch)
         kwargs = {**self.model._generation_kwargs(max_new_tokens=new_tokens), "eos_token_id": None,
                   "min_new_tokens": new_tokens}
-        with torch.inference_mode(), _autocast(self.device, self.bf16_fast):
+        with torch.inference_mode(), _autocast(self.device, self.has_bf16):
             seconds = _timed(lambda: self.model.lm.generate(**inputs, **kwargs), 1, max(1, self.steps // 2),
                              self.device)
         return {"batch": batch, "new_tokens": new_tokens, "latency_s": seconds,
@@ -152,31 +218,36 @@ def projected_hours(extract_ips: float, stage1_sps: float, stage2_sps: float) ->
 
 
 def run_bench(config: QVLMConfig, device: torch.device, compare_baseline: bool, steps: int = 3,
-              warmup: int = 1, stage1_batch: int | None = None, stage2_batch: int | None = None) -> dict:
+              warmup: int = 1, stage1_batch: int | None = None, stage2_batch: int | None = None,
+              ablate: bool = False) -> dict:
     """All measurements; fast batch sizes default to 64 / 16 on CPU and 256 / 64 on CUDA."""
     torch.manual_seed(0)
-    bench = Bench(config, device, steps, warmup)
     gpu = device.type == "cuda"
+    bench = Bench(config, device, steps, warmup,
+                  fast_batches=(stage1_batch or (256 if gpu else 64), stage2_batch or (64 if gpu else 16)))
     result = {
         "preset": config.preset, "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "image_size": bench.size,
-        "num_queries": config.qformer.num_queries,
+        "num_queries": config.qformer.num_queries, "bf16": bench.has_bf16,
         "extract": bench.extract(128 if gpu else 32),
-        "stage1": {"fast": bench.stage1(stage1_batch or (256 if gpu else 64), baseline=False)},
-        "stage2": {"fast": bench.stage2(stage2_batch or (64 if gpu else 16), baseline=False)},
+        "stage1": {"fast": bench.stage1(bench.fast())},
+        "stage2": {"fast": bench.stage2(bench.fast())},
         "generate": {"single": bench.generate(1), "batched": bench.generate(16)},
     }
     fast = (result["extract"]["images_per_s"], result["stage1"]["fast"]["samples_per_s"],
             result["stage2"]["fast"]["samples_per_s"])
     result["projected_hours"] = {"fast": projected_hours(*fast)}
     if compare_baseline:
-        for stage, measure in (("stage1", bench.stage1), ("stage2", bench.stage2)):
-            result[stage]["baseline"] = measure(8, baseline=True)
-            result[stage]["speedup"] = (result[stage]["fast"]["samples_per_s"]
-                                        / result[stage]["baseline"]["samples_per_s"])
+        for stage, measure in ((1, bench.stage1), (2, bench.stage2)):
+            r = result[f"stage{stage}"]
+            r["baseline"] = measure(BASELINE[stage])
+            r["speedup"] = r["fast"]["samples_per_s"] / r["baseline"]["samples_per_s"]
         # the baseline encodes inside its loop, so its projection has no separate extraction pass
         s1, s2 = result["stage1"]["baseline"]["samples_per_s"], result["stage2"]["baseline"]["samples_per_s"]
         result["projected_hours"]["baseline"] = (STAGE1_EPOCHS * PAIRS / s1 + STAGE2_EPOCHS * PAIRS / s2) / 3600
+    if ablate:
+        for stage in (1, 2):
+            result[f"stage{stage}"]["ablation"] = bench.ablation(stage)
     result["peak_memory_gib"] = peak_memory_gib(device)
     return result
 
@@ -200,5 +271,14 @@ def format_table(result: dict) -> str:
     hours = result["projected_hours"]
     lines.append(f"projected 50k pairs x (10 + 5) epochs: {hours['fast']:.2f} h"
                  + (f" (baseline {hours['baseline']:.2f} h)" if "baseline" in hours else ""))
+    for stage in ("stage1", "stage2"):
+        fast = result[stage]["fast"]
+        mfu = f", MFU {fast['mfu']:.1%}" if "mfu" in fast else ""
+        lines.append(f"{stage} fast: {fast['tflops']:.2f} TFLOP/s counted{mfu}")
+        if "ablation" in result[stage]:
+            lines.append(f"  {stage} fast paths, each turned off alone (samples/s; fast is x times that):")
+            for label, r in result[stage]["ablation"].items():
+                lines.append(f"    {label:<38}{r['samples_per_s']:>10.2f}"
+                             f"{fast['samples_per_s'] / r['samples_per_s']:>9.2f}x")
     lines.append(f"peak memory: {result['peak_memory_gib']:.2f} GiB")
     return "\n".join(lines)

@@ -25,14 +25,16 @@ class DemoPlan:
     stage2_steps: int
     eval_questions: int  # a fixed subset: the first N questions of test.jsonl
     eval_images: int  # images for the retrieval numbers
+    eval_every: int  # validation during training, in steps
 
 
 PLANS = {
-    "smoke": DemoPlan(train_images=24, stage1_steps=3, stage2_steps=3, eval_questions=16, eval_images=16),
-    "default": DemoPlan(train_images=None, stage1_steps=130, stage2_steps=200, eval_questions=2000,
-                        eval_images=500),
-    "full": DemoPlan(train_images=None, stage1_steps=300, stage2_steps=900, eval_questions=9673,
-                     eval_images=1000),
+    "smoke": DemoPlan(train_images=24, stage1_steps=3, stage2_steps=3, eval_questions=16, eval_images=16,
+                      eval_every=3),
+    "default": DemoPlan(train_images=None, stage1_steps=130, stage2_steps=500, eval_questions=2000,
+                        eval_images=500, eval_every=500),
+    "full": DemoPlan(train_images=None, stage1_steps=300, stage2_steps=3600, eval_questions=9673,
+                     eval_images=1000, eval_every=600),
 }
 
 
@@ -41,7 +43,7 @@ def demo_config(plan: DemoPlan, mode: str) -> QVLMConfig:
     return get_preset("offline").override(small + [
         f"stage1.max_steps={plan.stage1_steps}", "stage1.epochs=1000",
         f"stage2.max_steps={plan.stage2_steps}", "stage2.epochs=1000",
-        "train.log_every=10", f"train.eval_every={max(plan.stage2_steps, plan.stage1_steps)}",
+        "train.log_every=10", f"train.eval_every={plan.eval_every}",
         f"train.save_every={max(50, plan.stage2_steps // 4)}",
     ])
 

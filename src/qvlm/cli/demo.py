@@ -14,7 +14,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="qvlm-demo", help="output folder (default: ./qvlm-demo)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--smoke", action="store_true", help="a few dozen samples and steps (CI, ~2 min)")
-    size.add_argument("--full", action="store_true", help="the longer run of docs/BENCHMARKS.md (~45 min)")
+    size.add_argument("--full", action="store_true", help="the longer run of docs/BENCHMARKS.md (~1 hour)")
     p.set_defaults(func=run)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -24,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStream
 from qvlm import hub
 from qvlm.config import LMConfig, QVLMConfig
 from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
-from qvlm.data.sequences import build_stage2_batch
+from qvlm.data.sequences import IGNORE, build_stage2_batch
 from qvlm.errors import QVLMError
 from qvlm.models.qformer import QFormer, TextEncoderSpec
 from qvlm.models.tiny import random_model, tiny_lm_tokenizer
@@ -122,13 +123,32 @@ class QVLM(nn.Module):
         return embeds.masked_scatter(image_mask[..., None], prefix)
 
     def forward(self, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                image_mask: torch.Tensor, labels: torch.Tensor | None = None):
-        """Batch from `build_stage2_batch` -> the LM's output (`.loss` on answer + EOS tokens)."""
+                image_mask: torch.Tensor, labels: torch.Tensor | None = None, all_logits: bool = False):
+        """Batch from `build_stage2_batch` -> the LM's output; `.loss` is the mean cross-entropy over the
+        labelled (answer + EOS) tokens.
+
+        With labels, logits [B, K, V] cover only the last K positions, the shortest window holding every
+        labelled target (answers end the left-padded rows): the vocabulary projection and its softmax
+        over ~49k tokens are a fifth of the LM's FLOPs per position, and most positions are prompt.
+        `all_logits=True` computes them everywhere ([B, L, V]), as `transformers` does.
+        """
         embeds = self.embed_inputs(features, input_ids, image_mask)
         # Left padding: positions count real tokens only, so padded and unpadded rows see the same ones.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       labels=labels)
+        if labels is None or all_logits:
+            return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                           labels=labels)
+        length = labels.shape[1]
+        window = length - int((labels != IGNORE).int().argmax(-1).min())  # targets in the last `window`
+        window = min(window, length - 1)
+        # Logits at positions t predict the token at t + 1; an index tensor (not a slice) keeps the
+        # selected hidden states contiguous, which the CPU matmul needs to stay fast.
+        predicting = torch.arange(length - window - 1, length - 1, device=labels.device)
+        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                      logits_to_keep=predicting)
+        out.loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels[:, -window:].flatten(),
+                                   ignore_index=IGNORE)
+        return out
 
     # -- generation ----------------------------------------------------------------------------------
 

@@ -51,7 +51,8 @@ def stage2_param_groups(model, config: QVLMConfig) -> list[dict]:
 
 
 def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
-    fused = all(p.is_cuda for g in groups for p in g["params"])  # the fused kernel is CUDA-only
+    # One fused kernel per step instead of ~10 ops per tensor (CPU kernel since torch 2.4).
+    fused = all(p.device.type in ("cuda", "cpu") and p.dtype == torch.float32 for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, betas=(0.9, 0.98), fused=fused or None)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from safetensors.torch import load_file
 from torch import nn
@@ -32,6 +33,7 @@ from qvlm.data.records import read_records
 from qvlm.errors import QVLMError
 from qvlm.eval.metrics import exact_match
 from qvlm.models.vlm import QVLM, WEIGHTS_FILE, model_folder
+from qvlm.train import precision
 from qvlm.train.checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
 from qvlm.train.optim import make_optimizer, stage1_param_groups, stage2_param_groups, warmup_cosine
 from qvlm.utils import cache_home
@@ -133,13 +135,6 @@ def _multi_cpu() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _mixed_precision(config: QVLMConfig, stage: int) -> str:
-    choice = config.stage2.mixed_precision if stage == 2 else "auto"
-    if choice == "auto":  # bf16 where the hardware has it; fp32 on CPU (bf16 autocast is slower there)
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return choice
-
-
 def build_model(config: QVLMConfig, stage: int, init: Path | None) -> QVLM:
     """Stage 1 builds the Q-Former from its pretrained text encoder; stage 2 starts from a stage-1 run."""
     if stage == 1:
@@ -183,13 +178,20 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
     """Train one stage; the final model lands in `out/model` (loadable with `QVLM.from_pretrained`)."""
     out = Path(out)
     s = config.stage1 if stage == 1 else config.stage2
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config, stage), cpu=_multi_cpu(),
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mixed_precision = precision.resolve(s.mixed_precision, device)
+    # Accelerate keeps one precision per process; the demo trains both stages in one process, and each
+    # stage may choose its own. This forgets the last choice, not the distributed setup.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=_multi_cpu(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     _prepare_run_folder(out, config, stage, resume, accelerator)
     set_seed(config.train.seed)
 
     # Model, feature cache, data
     model = build_model(config, stage, Path(init) if init else None).to(accelerator.device)
+    if stage == 2 and mixed_precision == "bf16":
+        precision.store_frozen_in(model.lm, torch.bfloat16)
     cache = FeatureCache(config.train.feature_cache or cache_home() / "features", model.vision)
     train_set, val_set = _datasets(config, stage, data, val, cache, accelerator)
     # Stage 2 groups samples of similar length (less padding); stage 1 keeps batches random, since
@@ -239,7 +241,8 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
             position.batch_in_epoch += 1
             if not batch:
                 continue  # every item of the batch failed to load (counted by the dataset)
-            out_losses = _step_loss(wrapped, batch, stage, accelerator.device)
+            with precision.attention_kernels(accelerator.device, mixed_precision):
+                out_losses = _step_loss(wrapped, batch, stage, accelerator.device)
             loss = out_losses["loss"] / s.grad_accum
             if not torch.isfinite(loss):
                 raise QVLMError(f"loss became {loss.item()} at step {position.step}; stopped. Last good "

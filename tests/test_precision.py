@@ -1,0 +1,39 @@
+"""Mixed-precision choices: what `auto` resolves to, bf16 storage of frozen weights, attention kernels."""
+
+import pytest
+import torch
+
+from qvlm.config import ConfigError
+from qvlm.models.vlm import QVLM
+from qvlm.train import precision
+
+
+def test_resolve_explicit_auto_and_bad_choices(monkeypatch):
+    cpu = torch.device("cpu")
+    assert precision.resolve("no", cpu) == "no" and precision.resolve("bf16", cpu) == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
+    assert precision.resolve("auto", cpu) == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    assert precision.resolve("auto", cpu) == "no"
+    with pytest.raises(ConfigError, match="mixed_precision must be one of"):
+        precision.resolve("fp8", cpu)
+
+
+def test_frozen_lm_weights_go_bf16_trainable_stay_fp32(tiny_config, tiny_images):
+    model = QVLM.build(tiny_config)
+    precision.store_frozen_in(model.lm, torch.bfloat16)
+    frozen = {p.dtype for p in model.lm.parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in model.lm.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trainable == {torch.float32}
+    # generation runs without autocast on the mixed-dtype LM (validation does this mid-training)
+    answers = model.generate_from_features(model.encode_images(tiny_images[:2]), ["q", "q"], max_new_tokens=3)
+    assert len(answers) == 2
+
+
+def test_math_attention_only_for_bf16_on_cpu():
+    with precision.attention_kernels(torch.device("cpu"), "bf16"):
+        # the switches are process-wide; torch names them under `cuda` but they govern every device
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
+    with precision.attention_kernels(torch.device("cpu"), "no"):
+        assert torch.backends.cuda.flash_sdp_enabled()

@@ -10,11 +10,11 @@ from qvlm.train import precision
 
 def test_resolve_explicit_auto_and_bad_choices(monkeypatch):
     cpu = torch.device("cpu")
-    assert precision.resolve("no", cpu) == "no" and precision.resolve("bf16", cpu) == "bf16"
+    assert precision.resolve("fp32", cpu) == "fp32" and precision.resolve("bf16", cpu) == "bf16"
     monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
     assert precision.resolve("auto", cpu) == "bf16"
     monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
-    assert precision.resolve("auto", cpu) == "no"
+    assert precision.resolve("auto", cpu) == "fp32"
     with pytest.raises(ConfigError, match="mixed_precision must be one of"):
         precision.resolve("fp8", cpu)
 
@@ -30,10 +30,16 @@ def test_frozen_lm_weights_go_bf16_trainable_stay_fp32(tiny_config, tiny_images)
     assert len(answers) == 2
 
 
-def test_math_attention_only_for_bf16_on_cpu():
-    with precision.attention_kernels(torch.device("cpu"), "bf16"):
+def test_math_attention_only_for_bf16_stage2_on_cpu():
+    with precision.attention_kernels(torch.device("cpu"), "bf16", stage=2):
         # the switches are process-wide; torch names them under `cuda` but they govern every device
         assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
     assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
-    with precision.attention_kernels(torch.device("cpu"), "no"):
-        assert torch.backends.cuda.flash_sdp_enabled()
+    for precision_, stage in (("fp32", 2), ("bf16", 1)):
+        with precision.attention_kernels(torch.device("cpu"), precision_, stage):
+            assert torch.backends.cuda.flash_sdp_enabled()
+
+
+def test_every_choice_survives_a_command_line_override(tiny_config):
+    for choice in precision.CHOICES:  # YAML would read a bare `no` as false
+        assert tiny_config.override([f"stage2.mixed_precision={choice}"]).stage2.mixed_precision == choice

@@ -113,14 +113,15 @@ class Bench:
         self.peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items()
                                 if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
 
-    def fast(self) -> Recipe:
-        return Recipe(bf16=self.has_bf16, frozen_bf16=self.has_bf16, math_attention=self.has_bf16)
+    def fast(self, stage: int) -> Recipe:
+        """What `qvlm train` does on this device (train/precision.py)."""
+        return Recipe(bf16=self.has_bf16, frozen_bf16=self.has_bf16, math_attention=self.has_bf16 and stage == 2)
 
     def extract(self, batch: int) -> dict:
-        """Feature extraction (what building the cache costs), images/s."""
+        """Feature extraction (what building the cache costs, in fp32 as the cache runs it), images/s."""
         images, _ = synthetic_batch(batch, self.size)
         pixels = self.model.vision.preprocess(images).to(self.device)
-        with torch.inference_mode(), _autocast(self.device, self.has_bf16):
+        with torch.inference_mode():
             seconds = _timed(lambda: self.model.vision(pixels), self.warmup, self.steps, self.device)
         return {"batch": batch, "images_per_s": batch / seconds}
 
@@ -129,16 +130,17 @@ class Bench:
             return torch.cat([self.model.encode_images([img]) for img in images])
         return self.model.encode_images(images)
 
-    def _measure(self, recipe: Recipe, loss_fn, params: list[dict], batch: int, images) -> dict:
+    def _measure(self, stage: int, recipe: Recipe, loss_fn, params: list[dict], batch: int, images) -> dict:
         """Time `loss_fn(features)` + backward + AdamW under `recipe`; FLOPs counted on the first call."""
         optimizer = make_optimizer(params) if recipe.fused_adamw else torch.optim.AdamW(params, betas=(0.9, 0.98))
         cached = self._features(images, per_sample=False) if recipe.feature_cache else None
-        mode = "bf16" if recipe.bf16 and recipe.math_attention else "no"
         self.model.train()
 
         def step():
             features = cached if recipe.feature_cache else self._features(images, per_sample=True)
-            with precision.attention_kernels(self.device, mode), _autocast(self.device, recipe.bf16):
+            kernels = (precision.attention_kernels(self.device, "bf16" if recipe.bf16 else "fp32", stage)
+                       if recipe.math_attention else nullcontext())
+            with kernels, _autocast(self.device, recipe.bf16):
                 loss = loss_fn(features)
             loss.backward()
             optimizer.step()
@@ -157,7 +159,7 @@ class Bench:
         objective = Stage1Objective(self.model, self.config)
         images, captions = synthetic_batch(batch, self.size, seed=1)
         keys = [str(i) for i in range(batch)]
-        return self._measure(recipe, lambda f: objective(f, captions, keys)["loss"],
+        return self._measure(1, recipe, lambda f: objective(f, captions, keys)["loss"],
                              stage1_param_groups(self.model, self.config), batch, images)
 
     def stage2(self, recipe: Recipe) -> dict:
@@ -169,14 +171,14 @@ class Bench:
         tokens = {k: v.to(self.device) for k, v in tokens.items()}
         frozen = torch.bfloat16 if recipe.bf16 and recipe.frozen_bf16 else torch.float32
         precision.store_frozen_in(self.model.lm, frozen)
-        result = self._measure(recipe, lambda f: self.model(f, **tokens, all_logits=not recipe.labelled_logits).loss,
+        result = self._measure(2, recipe, lambda f: self.model(f, **tokens, all_logits=not recipe.labelled_logits).loss,
                                stage2_param_groups(self.model, self.config), batch, images)
         precision.store_frozen_in(self.model.lm, torch.float32)
         return {**result, "seq_len": tokens["input_ids"].shape[1]}
 
     def ablation(self, stage: int) -> dict:
         """The fast recipe with each applicable fast path turned off alone."""
-        fast, measure = self.fast(), (self.stage1 if stage == 1 else self.stage2)
+        fast, measure = self.fast(stage), (self.stage1 if stage == 1 else self.stage2)
         rows = {}
         for name, label in ABLATIONS.items():
             if stage == 1 and name in ("frozen_bf16", "labelled_logits"):
@@ -198,7 +200,7 @@ class Bench:
         inputs = self.model._generation_inputs(features, [DEFAULT_CAPTION_PROMPT] * batch)
         kwargs = {**self.model._generation_kwargs(max_new_tokens=new_tokens), "eos_token_id": None,
                   "min_new_tokens": new_tokens}
-        with torch.inference_mode(), _autocast(self.device, self.has_bf16):
+        with torch.inference_mode():  # as `qvlm caption` / `ask` / `serve` run it (the LM in `lm.dtype`)
             seconds = _timed(lambda: self.model.lm.generate(**inputs, **kwargs), 1, max(1, self.steps // 2),
                              self.device)
         return {"batch": batch, "new_tokens": new_tokens, "latency_s": seconds,
@@ -230,8 +232,8 @@ def run_bench(config: QVLMConfig, device: torch.device, compare_baseline: bool, 
         "threads": torch.get_num_threads(), "image_size": bench.size,
         "num_queries": config.qformer.num_queries, "bf16": bench.has_bf16,
         "extract": bench.extract(128 if gpu else 32),
-        "stage1": {"fast": bench.stage1(bench.fast())},
-        "stage2": {"fast": bench.stage2(bench.fast())},
+        "stage1": {"fast": bench.stage1(bench.fast(1))},
+        "stage2": {"fast": bench.stage2(bench.fast(2))},
         "generate": {"single": bench.generate(1), "batched": bench.generate(16)},
     }
     fast = (result["extract"]["images_per_s"], result["stage1"]["fast"]["samples_per_s"],

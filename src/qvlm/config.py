@@ -73,7 +73,7 @@ class Stage1Config:
     itm_weight: float = 0.0
     itg_weight: float = 0.0
     grad_clip: float = 1.0
-    mixed_precision: str = "auto"  # auto (bf16 on GPUs and AMX CPUs, else fp32) | no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto (bf16 on GPUs and AMX CPUs, else fp32) | fp32 | bf16 | fp16
 
 
 @dataclass
@@ -256,9 +256,9 @@ def _tiny() -> QVLMConfig:
         lm=LMConfig(name="tiny-llama", random_init=dict(TINY_LM), lora_r=4, lora_alpha=8, lora_dropout=0.0),
         # fp32: tiny models gain nothing from bf16, and tests compare runs to 1e-5
         stage1=Stage1Config(epochs=1, batch_size=8, lr_pretrained=1e-3, lr_new=1e-3, warmup_steps=0,
-                            mixed_precision="no"),
+                            mixed_precision="fp32"),
         stage2=Stage2Config(epochs=1, batch_size=4, grad_accum=1, lr_qformer=1e-3, lr_adapter_lora=3e-3,
-                            warmup_steps=0, max_answer_tokens=16, mixed_precision="no"),
+                            warmup_steps=0, max_answer_tokens=16, mixed_precision="fp32"),
         train=TrainConfig(log_every=1, eval_every=50, save_every=50),
     )
 

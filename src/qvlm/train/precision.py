@@ -5,7 +5,7 @@ CPUs with AMX tiles (Intel Sapphire Rapids and later) multiply bf16 matrices ~7x
 things would eat the gain (docs/BENCHMARKS.md, "fast paths"):
 - autocast re-casts frozen fp32 weights at every call; frozen weights need no fp32 master copy, so the
   frozen LM is stored in bf16 instead (the trainable LoRA, adapter and Q-Former stay fp32);
-- PyTorch's fused CPU attention kernel is ~10x slower backwards in bf16 than in fp32 at our short
+- PyTorch's fused CPU attention kernel is ~10x slower backwards in bf16 than in fp32 at the LM's short
   sequence lengths, while the plain matmul + softmax ("math") kernel runs on the AMX units.
 """
 
@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qvlm.config import ConfigError
 
-CHOICES = ("auto", "no", "bf16", "fp16")
+CHOICES = ("auto", "fp32", "bf16", "fp16")  # not "no": YAML reads a bare no as false
 
 
 def cpu_has_bf16_units() -> bool:
@@ -27,14 +27,14 @@ def cpu_has_bf16_units() -> bool:
 
 
 def resolve(choice: str, device: torch.device) -> str:
-    """`auto` -> "bf16" where the hardware has bf16 matrix units (most GPUs, AMX CPUs), else "no"."""
+    """`auto` -> "bf16" where the hardware has bf16 matrix units (most GPUs, AMX CPUs), else "fp32"."""
     if choice not in CHOICES:
         raise ConfigError(f"mixed_precision must be one of {', '.join(CHOICES)}; got {choice!r}")
     if choice != "auto":
         return choice
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if device.type == "cpu" and cpu_has_bf16_units() else "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16_units() else "fp32"
 
 
 def store_frozen_in(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -44,8 +44,12 @@ def store_frozen_in(module: torch.nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def attention_kernels(device: torch.device, precision: str):
-    """A context choosing the attention kernel for training steps (see the module docstring)."""
-    if device.type == "cpu" and precision == "bf16":
+def attention_kernels(device: torch.device, precision: str, stage: int):
+    """A context choosing the attention kernel for training steps (see the module docstring).
+
+    Stage 2 only: there the LM's causal self-attention dominates (1.10x faster at the paper sizes, 1.5x
+    at the offline preset's), while stage 1's Q-Former cross-attention ran 11% slower with it.
+    """
+    if device.type == "cpu" and precision == "bf16" and stage == 2:
         return sdpa_kernel(SDPBackend.MATH)
     return nullcontext()

@@ -183,7 +183,8 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
     # Accelerate keeps one precision per process; the demo trains both stages in one process, and each
     # stage may choose its own. This forgets the last choice, not the distributed setup.
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=_multi_cpu(),
+    accelerator = Accelerator(mixed_precision="no" if mixed_precision == "fp32" else mixed_precision,
+                              cpu=_multi_cpu(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     _prepare_run_folder(out, config, stage, resume, accelerator)
     set_seed(config.train.seed)
@@ -241,7 +242,7 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
             position.batch_in_epoch += 1
             if not batch:
                 continue  # every item of the batch failed to load (counted by the dataset)
-            with precision.attention_kernels(accelerator.device, mixed_precision):
+            with precision.attention_kernels(accelerator.device, mixed_precision, stage):
                 out_losses = _step_loss(wrapped, batch, stage, accelerator.device)
             loss = out_losses["loss"] / s.grad_accum
             if not torch.isfinite(loss):

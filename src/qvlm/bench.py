@@ -5,10 +5,10 @@ length. Each figure is samples (or images, tokens) per second over a few timed s
 
 A `Recipe` says how a training step runs. `fast` is how qvlm trains: patch features from the feature
 cache (the encoder ran once, before training; its cost is the separate `extract` figure), large batches,
-bf16 where the hardware has bf16 units (GPUs, AMX CPUs) with the frozen LM stored in bf16 and, on CPU,
+bf16 where the hardware has bf16 units (GPUs, AMX CPUs) with the frozen LM stored in bf16 and, in stage 2 on CPU,
 the plain-matmul attention kernel, the vocabulary projection only where targets are, fused AdamW. The
 baseline is how the article's code trains: the vision encoder per sample inside the loop (its
-`Dataset.__getitem__`), batch 8, bf16 autocast on the LM only, logits everywhere, default kernels, no
+`Dataset.__getitem__`), batch 8, bf16 autocast in stage 2 only, logits everywhere, default kernels, no
 cache. Both use the same model sizes, prompts and answers, so `speedup` is a like-for-like ratio.
 `--ablate` turns each fast path off alone, to show what each one is worth.
 """
@@ -49,7 +49,7 @@ class Recipe:
 
     feature_cache: bool = True  # else the encoder runs per sample inside the loop
     batch: int | None = None
-    bf16: bool = True  # autocast (the whole step in fast mode; the LM only in the baseline)
+    bf16: bool = True  # autocast over the step (the baseline: stage 2 only, as the article)
     frozen_bf16: bool = True  # frozen LM weights stored in bf16, not re-cast at every call
     math_attention: bool = True  # CPU + bf16: matmul + softmax attention (see train/precision.py)
     labelled_logits: bool = True  # vocabulary projection only where targets are

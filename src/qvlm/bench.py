@@ -132,7 +132,7 @@ class Bench:
 
     def _measure(self, stage: int, recipe: Recipe, loss_fn, params: list[dict], batch: int, images) -> dict:
         """Time `loss_fn(features)` + backward + AdamW under `recipe`; FLOPs counted on the first call."""
-        optimizer = make_optimizer(params) if recipe.fused_adamw else torch.optim.AdamW(params, betas=(0.9, 0.98))
+        optimizer = make_optimizer(params, fused=recipe.fused_adamw)
         cached = self._features(images, per_sample=False) if recipe.feature_cache else None
         self.model.train()
 
@@ -173,7 +173,7 @@ class Bench:
         precision.store_frozen_in(self.model.lm, frozen)
         result = self._measure(2, recipe, lambda f: self.model(f, **tokens, all_logits=not recipe.labelled_logits).loss,
                                stage2_param_groups(self.model, self.config), batch, images)
-        precision.store_frozen_in(self.model.lm, torch.float32)
+        precision.store_frozen_in(self.model.lm, torch.float32)  # next recipe; bf16-rounded random weights time the same
         return {**result, "seq_len": tokens["input_ids"].shape[1]}
 
     def ablation(self, stage: int) -> dict:

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from qvlm.cli.main import main
 
 
@@ -30,3 +32,17 @@ def test_bench_tiny_compare_baseline_writes_json(tmp_path, capsys):
     assert result["peak_memory_gib"] > 0
     printed = capsys.readouterr().out
     assert "speedup" in printed and "turned off alone" in printed
+
+
+def test_bench_compile_times_the_compiled_step_and_reports_compile_time(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--compile", "--steps", "1", "--warmup", "0",
+                 "--json-out", str(out)]) == 0
+    assert torch._dynamo.utils.counters["frames"]["ok"] > 0  # dynamo compiled the training forward
+    result = json.loads(out.read_text())
+    for stage in ("stage1", "stage2"):
+        fast = result[stage]["fast"]
+        assert fast["recipe"]["compile"] and fast["first_step_s"] > 0 and fast["samples_per_s"] > 0
+    assert "(compiling)" in capsys.readouterr().out

@@ -84,6 +84,27 @@ def test_stage2_in_bf16_learns_and_saves_fp32_weights(shapes, stage1_run, tmp_pa
     assert any("lora_A" in k for k in weights)
 
 
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_compiled_training_matches_eager_and_saves_plain_weights(stage, shapes, stage1_run, tmp_path):
+    """`train.compile=true` (torch.compile through Accelerate): same losses as eager, same saved keys."""
+    runs, frames = {}, {}
+    init = ["--init", str(stage1_run)] if stage == "stage2" else []
+    for name, compiled in (("eager", "false"), ("compiled", "true")):
+        runs[name] = tmp_path / name
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        assert _train(stage, *shapes, runs[name], *init, "--set", f"{stage}.max_steps=4",
+                      "--set", f"{stage}.batch_size=8", "--set", "train.log_every=1",
+                      "--set", "train.eval_every=4", "--set", f"train.compile={compiled}") == 0
+        frames[name] = torch._dynamo.utils.counters["frames"]["ok"]  # frames dynamo compiled
+    assert frames == {"eager": 0, "compiled": frames["compiled"]} and frames["compiled"] > 0
+    losses = {name: [m["loss"] for m in _metrics(run) if "loss" in m] for name, run in runs.items()}
+    assert len(losses["compiled"]) == 4
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
+    eager, compiled = (load_file(run / "model" / "model.safetensors") for run in runs.values())
+    assert compiled.keys() == eager.keys()  # no `_orig_mod.` prefixes from the compiled wrapper
+
+
 def test_stage2_rejects_missing_or_mismatched_init(shapes, stage1_run, tmp_path, capsys):
     assert _train("stage2", *shapes, tmp_path / "a", "--init", str(tmp_path / "nope")) == 1
     assert "no such stage-1 run" in capsys.readouterr().err

@@ -10,7 +10,8 @@ the plain-matmul attention kernel, the vocabulary projection only where targets 
 baseline is how the article's code trains: the vision encoder per sample inside the loop (its
 `Dataset.__getitem__`), batch 8, bf16 autocast in stage 2 only, logits everywhere, default kernels, no
 cache. Both use the same model sizes, prompts and answers, so `speedup` is a like-for-like ratio.
-`--ablate` turns each fast path off alone, to show what each one is worth.
+`--ablate` turns each fast path off alone, to show what each one is worth. `--compile` adds
+`torch.compile` to the fast recipe (as `train.compile=true` does), its compile time reported apart.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Recipe:
     math_attention: bool = True  # CPU + bf16: matmul + softmax attention (see train/precision.py)
     labelled_logits: bool = True  # vocabulary projection only where targets are
     fused_adamw: bool = True
+    compile: bool = False  # torch.compile the forward (opt-in, as `train.compile`)
 
 
 # The article autocasts its LM to bf16 (stage 2) and trains the Q-Former in fp32 (stage 1).
@@ -63,7 +65,7 @@ BASELINE[1] = replace(BASELINE[2], bf16=False)
 ABLATIONS = {"feature_cache": "encoder per sample in the loop", "batch": "batch 8",
              "bf16": "fp32 (no bf16)", "frozen_bf16": "frozen LM kept fp32",
              "math_attention": "default attention kernel", "labelled_logits": "logits at every position",
-             "fused_adamw": "unfused AdamW"}
+             "fused_adamw": "unfused AdamW", "compile": "not compiled"}
 
 
 def synthetic_batch(n: int, size: int, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
@@ -104,8 +106,9 @@ def _autocast(device: torch.device, bf16: bool):
 
 class Bench:
     def __init__(self, config: QVLMConfig, device: torch.device, steps: int, warmup: int,
-                 fast_batches: tuple[int, int]):
+                 fast_batches: tuple[int, int], compile: bool = False):
         self.config, self.device, self.steps, self.warmup = config, device, steps, warmup
+        self.compile = compile
         self.model = QVLM.build(config, stage=2, device="cpu").to(device)
         self.size = self.model.vision.image_size
         self.has_bf16 = precision.resolve("auto", device) == "bf16"
@@ -115,7 +118,8 @@ class Bench:
 
     def fast(self, stage: int) -> Recipe:
         """What `qvlm train` does on this device (train/precision.py)."""
-        return Recipe(bf16=self.has_bf16, frozen_bf16=self.has_bf16, math_attention=self.has_bf16 and stage == 2)
+        return Recipe(bf16=self.has_bf16, frozen_bf16=self.has_bf16, math_attention=self.has_bf16 and stage == 2,
+                      compile=self.compile)
 
     def extract(self, batch: int) -> dict:
         """Feature extraction (what building the cache costs, in fp32 as the cache runs it), images/s."""
@@ -130,26 +134,35 @@ class Bench:
             return torch.cat([self.model.encode_images([img]) for img in images])
         return self.model.encode_images(images)
 
-    def _measure(self, stage: int, recipe: Recipe, loss_fn, params: list[dict], batch: int, images) -> dict:
-        """Time `loss_fn(features)` + backward + AdamW under `recipe`; FLOPs counted on the first call."""
+    def _measure(self, stage: int, recipe: Recipe, module: torch.nn.Module, loss_of, params: list[dict],
+                 batch: int, images) -> dict:
+        """Time `loss_of(module, features)` + backward + AdamW under `recipe`.
+
+        FLOPs are counted on an eager call; the first timed call alone is `first_step_s`, which holds
+        the compile time when `recipe.compile`.
+        """
         optimizer = make_optimizer(params, fused=recipe.fused_adamw)
         cached = self._features(images, per_sample=False) if recipe.feature_cache else None
-        self.model.train()
+        module.train()
+        if recipe.compile:
+            torch._dynamo.reset()  # a fresh compile per recipe: earlier ones' guards must not pile up
+        compiled = torch.compile(module) if recipe.compile else module
 
-        def step():
+        def step(run=compiled):
             features = cached if recipe.feature_cache else self._features(images, per_sample=True)
             kernels = (precision.attention_kernels(self.device, "bf16" if recipe.bf16 else "fp32", stage)
                        if recipe.math_attention else nullcontext())
             with kernels, _autocast(self.device, recipe.bf16):
-                loss = loss_fn(features)
+                loss = loss_of(run, features)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        flops = _counted_flops(step)
+        flops = _counted_flops(lambda: step(module))
+        first_step = _timed(step, 0, 1, self.device)
         seconds = _timed(step, max(0, self.warmup - 1), self.steps, self.device)
         result = {"batch": batch, "samples_per_s": batch / seconds, "tflops": flops / seconds / 1e12,
-                  "recipe": asdict(recipe)}
+                  "first_step_s": first_step, "recipe": asdict(recipe)}
         if self.peak_flops:
             result["mfu"] = flops / seconds / self.peak_flops
         return result
@@ -159,7 +172,7 @@ class Bench:
         objective = Stage1Objective(self.model, self.config)
         images, captions = synthetic_batch(batch, self.size, seed=1)
         keys = [str(i) for i in range(batch)]
-        return self._measure(1, recipe, lambda f: objective(f, captions, keys)["loss"],
+        return self._measure(1, recipe, objective, lambda run, f: run(f, captions, keys)["loss"],
                              stage1_param_groups(self.model, self.config), batch, images)
 
     def stage2(self, recipe: Recipe) -> dict:
@@ -171,7 +184,8 @@ class Bench:
         tokens = {k: v.to(self.device) for k, v in tokens.items()}
         frozen = torch.bfloat16 if recipe.bf16 and recipe.frozen_bf16 else torch.float32
         precision.store_frozen_in(self.model.lm, frozen)
-        result = self._measure(2, recipe, lambda f: self.model(f, **tokens, all_logits=not recipe.labelled_logits).loss,
+        result = self._measure(2, recipe, self.model,
+                               lambda run, f: run(f, **tokens, all_logits=not recipe.labelled_logits).loss,
                                stage2_param_groups(self.model, self.config), batch, images)
         precision.store_frozen_in(self.model.lm, torch.float32)  # next recipe; bf16-rounded random weights time the same
         return {**result, "seq_len": tokens["input_ids"].shape[1]}
@@ -221,12 +235,13 @@ def projected_hours(extract_ips: float, stage1_sps: float, stage2_sps: float) ->
 
 def run_bench(config: QVLMConfig, device: torch.device, compare_baseline: bool, steps: int = 3,
               warmup: int = 1, stage1_batch: int | None = None, stage2_batch: int | None = None,
-              ablate: bool = False) -> dict:
+              ablate: bool = False, compile: bool = False) -> dict:
     """All measurements; fast batch sizes default to 64 / 16 on CPU and 256 / 64 on CUDA."""
     torch.manual_seed(0)
     gpu = device.type == "cuda"
     bench = Bench(config, device, steps, warmup,
-                  fast_batches=(stage1_batch or (256 if gpu else 64), stage2_batch or (64 if gpu else 16)))
+                  fast_batches=(stage1_batch or (256 if gpu else 64), stage2_batch or (64 if gpu else 16)),
+                  compile=compile)
     result = {
         "preset": config.preset, "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "image_size": bench.size,
@@ -276,7 +291,8 @@ def format_table(result: dict) -> str:
     for stage in ("stage1", "stage2"):
         fast = result[stage]["fast"]
         mfu = f", MFU {fast['mfu']:.1%}" if "mfu" in fast else ""
-        lines.append(f"{stage} fast: {fast['tflops']:.2f} TFLOP/s counted{mfu}")
+        compiled = f", first step {fast['first_step_s']:.0f} s (compiling)" if fast["recipe"]["compile"] else ""
+        lines.append(f"{stage} fast: {fast['tflops']:.2f} TFLOP/s counted{mfu}{compiled}")
         if "ablation" in result[stage]:
             lines.append(f"  {stage} fast paths, each turned off alone (samples/s; fast is x times that):")
             for label, r in result[stage]["ablation"].items():

@@ -99,6 +99,7 @@ class TrainConfig:
     eval_every: int = 200
     save_every: int = 500
     num_workers: int = 0
+    compile: bool = False  # torch.compile the training forward (first steps pay the compile; docs/training.md)
     feature_cache: str | None = None  # folder for cached patch features; None: under the run folder
     max_bad_fraction: float = 0.05  # stop if more than this share of samples cannot be decoded
 

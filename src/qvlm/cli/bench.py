@@ -18,6 +18,9 @@ def register(subparsers) -> None:
                    help="also run the reference recipe's way (per-sample encoder, batch 8, bf16 LM, no cache)")
     p.add_argument("--ablate", action="store_true",
                    help="also measure the fast mode with each fast path turned off alone")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the fast mode's training step, as train.compile=true (compile time "
+                        "reported apart)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--stage1-batch", type=int, help="fast-mode stage-1 batch (default 64 CPU / 256 CUDA)")
@@ -42,7 +45,7 @@ def run(args) -> int:
     config = config.override(args.overrides)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = run_bench(config, device, args.compare_baseline, args.steps, args.warmup,
-                       args.stage1_batch, args.stage2_batch, args.ablate)
+                       args.stage1_batch, args.stage2_batch, args.ablate, args.compile)
     print(format_table(result))
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,16 +56,13 @@ class Stage1Objective(nn.Module):
         (embeddings gathered with gradients, as BLIP-2 does), so N processes of batch b compute the
         same loss and gradient as one process of batch N*b. ITM and ITG stay within the local batch.
         """
-        tokens = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_len,
-                                return_tensors="pt").to(features.device)
-        ids, mask = tokens.input_ids, tokens.attention_mask
+        ids, mask, positives = self._text_side(captions, image_keys, features.device)  # [b, T] x2, [B, B]
         image_embeds = self.qformer.image_embeds(features)  # [b, Nq, E]
         text_embeds = self.qformer.text_embeds(ids, mask)  # [b, E]
         all_images, offset = _gather_with_grad(image_embeds)  # [B, Nq, E]
         all_texts, _ = _gather_with_grad(text_embeds)  # [B, E]
         local = slice(offset, offset + len(captions))
-        positives = positive_pairs(_gather_objects(captions), _gather_objects(image_keys))[local]
-        positives = positives.to(features.device)  # [b, B]
+        positives = positives[local]  # [b, B]
         sim_i2t = self.qformer.similarity(image_embeds, all_texts)  # [b, B]
         sim_t2i = self.qformer.similarity(all_images, text_embeds).t()  # [b, B]
         losses = {"itc": self.qformer.itc_loss(sim_i2t, sim_t2i, positives)}
@@ -79,6 +76,15 @@ class Stage1Objective(nn.Module):
         # image->text R@1 over the global batch: is the best-scoring caption a true pair?
         losses["r1"] = positives.gather(1, sim_i2t.argmax(1, keepdim=True)).float().mean().detach()
         return losses
+
+    @torch.compiler.disable  # string work: traced, every new caption would trigger a recompile
+    def _text_side(self, captions: list[str], image_keys: list[str], device) -> tuple:
+        """Token ids and mask [b, T] of this process's captions; which items of the global batch are
+        true pairs [B, B] (repeated captions and several captions of one image count)."""
+        tokens = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_len,
+                                return_tensors="pt").to(device)
+        positives = positive_pairs(_gather_objects(captions), _gather_objects(image_keys))
+        return tokens.input_ids, tokens.attention_mask, positives.to(device)
 
 
 def _distributed() -> bool:
@@ -184,7 +190,7 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
     # stage may choose its own. This forgets the last choice, not the distributed setup.
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision="no" if mixed_precision == "fp32" else mixed_precision,
-                              cpu=_multi_cpu(),
+                              cpu=_multi_cpu(), dynamo_backend="inductor" if config.train.compile else "no",
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     _prepare_run_folder(out, config, stage, resume, accelerator)
     set_seed(config.train.seed)

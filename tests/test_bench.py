@@ -10,7 +10,7 @@ from qvlm.cli.main import main
 def test_bench_tiny_compare_baseline_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--compare-baseline", "--ablate",
-                 "--steps", "1", "--warmup", "0", "--json-out", str(out)]) == 0
+                 "--steps", "1", "--warmup", "0", "--set", "vision.precision=bf16", "--json-out", str(out)]) == 0
     result = json.loads(out.read_text())
     for stage in ("stage1", "stage2"):
         fast, base = result[stage]["fast"], result[stage]["baseline"]
@@ -28,6 +28,7 @@ def test_bench_tiny_compare_baseline_writes_json(tmp_path, capsys):
     assert result["stage2"]["ablation"]["batch 8"]["batch"] == 8
     assert result["stage2"]["fast"]["seq_len"] == result["stage2"]["baseline"]["seq_len"]
     assert result["extract"]["images_per_s"] > 0 and result["generate"]["batched"]["tokens_per_s"] > 0
+    assert result["extract"]["dtype"] == "torch.bfloat16" and result["extract"]["fp32_images_per_s"] > 0
     assert result["projected_hours"]["fast"] > 0 and result["projected_hours"]["baseline"] > 0
     assert result["peak_memory_gib"] > 0
     printed = capsys.readouterr().out

@@ -72,7 +72,11 @@ def test_instruction_dataset(tmp_path, records):
         ds.set_epoch(epoch)
         epochs.add(ds.prompt(0))
     assert len(epochs) > 1  # caption prompts are re-drawn each epoch
-    assert len(ds.lengths()) == len(ds)
+    # length estimates (≈ 4 characters a token): the question + answer; a caption + the prompts' mean
+    prompt_chars = sum(map(len, CAPTION_PROMPTS)) / len(CAPTION_PROMPTS)
+    expected = [int(len("what colour?") + len("red")) // 4 + 1 if it["answer_type"] == "color"
+                else int(prompt_chars + len(it["answer"])) // 4 + 1 for it in items]
+    assert ds.lengths() == expected
 
 
 def test_prompts():

@@ -1,5 +1,7 @@
 """Mixed-precision choices: what `auto` resolves to, bf16 storage of frozen weights, attention kernels."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -43,3 +45,18 @@ def test_math_attention_only_for_bf16_stage2_on_cpu():
 def test_every_choice_survives_a_command_line_override(tiny_config):
     for choice in precision.CHOICES:  # YAML would read a bare `no` as false
         assert tiny_config.override([f"stage2.mixed_precision={choice}"]).stage2.mixed_precision == choice
+
+
+def test_encoder_in_bf16_gives_fp32_features_near_fp32_under_its_own_cache_key(tiny_config, tiny_images):
+    from qvlm.models.vision import FrozenVisionEncoder
+
+    encoders = {p: FrozenVisionEncoder.build(replace(tiny_config.vision, precision=p)) for p in ("fp32", "bf16")}
+    encoders["bf16"].load_state_dict(encoders["fp32"].state_dict())
+    features = {p: enc(enc.preprocess(tiny_images)) for p, enc in encoders.items()}
+    assert {f.dtype for f in features.values()} == {torch.float32}
+    error = (features["bf16"] - features["fp32"]).norm(dim=-1) / features["fp32"].norm(dim=-1)
+    assert 0 < error.max() < 0.05  # computed in bf16 (not equal), yet close
+    # a cache built by one must never answer for the other
+    assert encoders["fp32"].cache_key.endswith("px") and encoders["bf16"].cache_key.endswith("px+bfloat16")
+    with pytest.raises(ConfigError, match="vision.precision must be one of"):
+        FrozenVisionEncoder.build(replace(tiny_config.vision, precision="int8"))

@@ -72,16 +72,30 @@ def test_stage2_reduces_validation_loss_and_writes_safe_files(shapes, stage1_run
 
 
 def test_stage2_in_bf16_learns_and_saves_fp32_weights(shapes, stage1_run, tmp_path):
-    """The CPU/GPU bf16 path: frozen LM in bf16, math attention on CPU, trainable weights kept fp32."""
+    """The CPU/GPU bf16 path: frozen LM in bf16, math attention on CPU, trainable weights kept fp32; the
+    encoder in bf16 too, though stage 1 ran it in fp32 (its arithmetic may change, its weights not)."""
     out = tmp_path / "s2bf16"
     assert _train("stage2", *shapes, out, "--init", str(stage1_run), "--set", "stage2.epochs=8",
                   "--set", "stage2.batch_size=8", "--set", "train.eval_every=5",
-                  "--set", "stage2.mixed_precision=bf16") == 0
+                  "--set", "stage2.mixed_precision=bf16", "--set", "vision.precision=bf16") == 0
     val = [m for m in _metrics(out) if "val_loss" in m]
     assert val[-1]["val_loss"] < 0.8 * val[0]["val_loss"]
     weights = load_file(out / "model" / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float32}
     assert any("lora_A" in k for k in weights)
+
+
+def test_length_grouping_cuts_the_logged_padding(shapes, stage1_run, tmp_path):
+    """Stage 2 mixes short questions and longer prompted captions; grouped batches pad much less."""
+    pad = {}
+    for grouped in ("true", "false"):
+        out = tmp_path / grouped
+        assert _train("stage2", *shapes, out, "--init", str(stage1_run), "--set", "stage2.batch_size=8",
+                      "--set", "train.log_every=10", "--set", "train.eval_every=100",
+                      "--set", f"train.group_by_length={grouped}") == 0
+        (record,) = [m for m in _metrics(out) if "pad_fraction" in m]  # one epoch of 10 steps
+        pad[grouped] = record["pad_fraction"]
+    assert 0 <= pad["true"] < 0.7 * pad["false"]
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])

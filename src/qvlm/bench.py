@@ -5,9 +5,9 @@ length. Each figure is samples (or images, tokens) per second over a few timed s
 
 A `Recipe` says how a training step runs. `fast` is how qvlm trains: patch features from the feature
 cache (the encoder ran once, before training; its cost is the separate `extract` figure), large batches,
-bf16 where the hardware has bf16 units (GPUs, AMX CPUs) with the frozen LM stored in bf16 and, in stage 2 on CPU,
-the plain-matmul attention kernel, the vocabulary projection only where targets are, fused AdamW. The
-baseline is how the article's code trains: the vision encoder per sample inside the loop (its
+bf16 where the hardware has bf16 units (GPUs, AMX CPUs) with the frozen LM stored in bf16 and, in stage 2
+on CPU, the plain-matmul attention kernel, the vocabulary projection only where targets are, fused AdamW.
+The baseline is how the article's code trains: the fp32 vision encoder per sample inside the loop (its
 `Dataset.__getitem__`), batch 8, bf16 autocast in stage 2 only, logits everywhere, default kernels, no
 cache. Both use the same model sizes, prompts and answers, so `speedup` is a like-for-like ratio.
 `--ablate` turns each fast path off alone, to show what each one is worth. `--compile` adds
@@ -20,7 +20,7 @@ import platform
 import random
 import resource
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -100,6 +100,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+@contextmanager
+def _encoder_precision(vision, choice: str):
+    saved, vision.precision = vision.precision, choice
+    try:
+        yield
+    finally:
+        vision.precision = saved
+
+
 def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
@@ -122,16 +131,22 @@ class Bench:
                       compile=self.compile)
 
     def extract(self, batch: int) -> dict:
-        """Feature extraction (what building the cache costs, in fp32 as the cache runs it), images/s."""
+        """Feature extraction, images/s: in `vision.precision` (what building the cache costs) and, where
+        that is not fp32, in fp32 too (what the baseline's encoder runs in)."""
+        vision = self.model.vision
         images, _ = synthetic_batch(batch, self.size)
-        pixels = self.model.vision.preprocess(images).to(self.device)
-        with torch.inference_mode():
-            seconds = _timed(lambda: self.model.vision(pixels), self.warmup, self.steps, self.device)
-        return {"batch": batch, "images_per_s": batch / seconds}
+        pixels = vision.preprocess(images).to(self.device)
+        result = {"batch": batch, "dtype": str(vision.compute_dtype or torch.float32)}
+        runs = {"images_per_s": vision.precision} | ({"fp32_images_per_s": "fp32"} if vision.compute_dtype else {})
+        for key, choice in runs.items():
+            with torch.inference_mode(), _encoder_precision(vision, choice):
+                result[key] = batch / _timed(lambda: vision(pixels), self.warmup, self.steps, self.device)
+        return result
 
     def _features(self, images: list[Image.Image], per_sample: bool) -> torch.Tensor:
-        if per_sample:  # the article's Dataset.__getitem__: one image through the encoder at a time
-            return torch.cat([self.model.encode_images([img]) for img in images])
+        if per_sample:  # the article's Dataset.__getitem__: one image at a time through the fp32 encoder
+            with _encoder_precision(self.model.vision, "fp32"):
+                return torch.cat([self.model.encode_images([img]) for img in images])
         return self.model.encode_images(images)
 
     def _measure(self, stage: int, recipe: Recipe, module: torch.nn.Module, loss_of, params: list[dict],
@@ -270,7 +285,10 @@ def run_bench(config: QVLMConfig, device: torch.device, compare_baseline: bool, 
 
 
 def format_table(result: dict) -> str:
-    rows = [("extract (images/s)", result["extract"]["images_per_s"], None, None)]
+    extract = result["extract"]
+    rows = [(f"extract (images/s, {extract['dtype'].removeprefix('torch.')})", extract["images_per_s"], None, None)]
+    if "fp32_images_per_s" in extract:
+        rows.append(("extract in fp32 (images/s)", extract["fp32_images_per_s"], None, None))
     for stage in ("stage1", "stage2"):
         r = result[stage]
         base = r.get("baseline", {}).get("samples_per_s")

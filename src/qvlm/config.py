@@ -26,6 +26,9 @@ class VisionConfig:
     # Input side in pixels; None keeps the backbone's own. ViT/DINOv2 interpolate position embeddings.
     image_size: int | None = None
     random_init: dict | None = None
+    # The encoder's arithmetic: fp32 | bf16 | fp16 | auto (bf16 where the hardware has bf16 units).
+    # fp32 by default: bf16 features are within ~1% but changed the demo's outcome (docs/BENCHMARKS.md).
+    precision: str = "fp32"
 
 
 @dataclass
@@ -99,6 +102,7 @@ class TrainConfig:
     eval_every: int = 200
     save_every: int = 500
     num_workers: int = 0
+    group_by_length: bool = True  # stage 2: batches of similar length, less padding (logged as pad_fraction)
     compile: bool = False  # torch.compile the training forward (first steps pay the compile; docs/training.md)
     feature_cache: str | None = None  # folder for cached patch features; None: under the run folder
     max_bad_fraction: float = 0.05  # stop if more than this share of samples cannot be decoded

@@ -1,6 +1,6 @@
 """On-disk cache of frozen-encoder patch features: the vision encoder runs once per image, ever.
 
-Layout (one folder per encoder configuration, so a new model id or input size starts a new cache):
+Layout (one folder per encoder configuration, so a new model id, input size or arithmetic starts a new cache):
 
     ROOT/<sha256(encoder.cache_key)[:16]>/
         encoder.json                  {"cache_key": "..."}                      (what built it)

@@ -132,6 +132,7 @@ class InstructionDataset(_ImageSource):
         super().__init__(cache, encoder, max_caption_chars, skips)
         self.seed, self.epoch = seed, 0
         self.caption_prompts = list(caption_prompts or CAPTION_PROMPTS)
+        self.caption_prompt_chars = sum(map(len, self.caption_prompts)) / len(self.caption_prompts)
         for record in records:
             wanted = (record.is_vqa and use_vqa) or (bool(record.captions) and use_captions)
             if not wanted:
@@ -172,9 +173,11 @@ class InstructionDataset(_ImageSource):
         return sample_caption_prompt(rng, self.caption_prompts)
 
     def estimated_length(self, index: int) -> int:
-        """Rough token count of prompt + answer (≈ 4 characters a token), for length bucketing."""
+        """Rough token count of prompt + answer (≈ 4 characters a token), for length bucketing. A
+        caption's prompt is drawn anew each epoch, so it counts at the prompts' mean length."""
         entry = self.entries[index]
-        return (len(entry.text) + len(entry.answer or "")) // 4 + 1
+        prompt = len(entry.text) if entry.is_question else self.caption_prompt_chars
+        return int(prompt + len(entry.answer or "")) // 4 + 1
 
     def lengths(self) -> list[int]:
         return [self.estimated_length(i) for i in range(len(self.entries))]

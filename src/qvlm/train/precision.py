@@ -26,10 +26,10 @@ def cpu_has_bf16_units() -> bool:
     return bool(probe and probe())
 
 
-def resolve(choice: str, device: torch.device) -> str:
+def resolve(choice: str, device: torch.device, setting: str = "mixed_precision") -> str:
     """`auto` -> "bf16" where the hardware has bf16 matrix units (most GPUs, AMX CPUs), else "fp32"."""
     if choice not in CHOICES:
-        raise ConfigError(f"mixed_precision must be one of {', '.join(CHOICES)}; got {choice!r}")
+        raise ConfigError(f"{setting} must be one of {', '.join(CHOICES)}; got {choice!r}")
     if choice != "auto":
         return choice
     if device.type == "cuda":

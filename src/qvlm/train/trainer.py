@@ -149,6 +149,8 @@ def build_model(config: QVLMConfig, stage: int, init: Path | None) -> QVLM:
         return QVLM.build(config, stage=2)
     folder = model_folder(init)
     trained_with = QVLMConfig.load(folder / "config.json")
+    # The encoder's arithmetic (`vision.precision`) may differ: same weights, features within ~1%.
+    trained_with.vision.precision = config.vision.precision
     mismatch = [part for part in ("vision", "qformer") if getattr(trained_with, part) != getattr(config, part)]
     if mismatch:
         raise QVLMError(f"--init {init} was trained with a different {' and '.join(mismatch)} config; "
@@ -201,9 +203,9 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
         precision.store_frozen_in(model.lm, torch.bfloat16)
     cache = FeatureCache(config.train.feature_cache or cache_home() / "features", model.vision)
     train_set, val_set = _datasets(config, stage, data, val, cache, accelerator)
-    # Stage 2 groups samples of similar length (less padding); stage 1 keeps batches random, since
-    # grouping captions by length would make contrastive negatives easier.
-    lengths = train_set.lengths() if stage == 2 else [0] * len(train_set)
+    # Stage 2 groups samples of similar length (less padding; `train.group_by_length`); stage 1 keeps
+    # batches random, since grouping captions by length would make contrastive negatives easier.
+    lengths = train_set.lengths() if stage == 2 and config.train.group_by_length else [0] * len(train_set)
     sampler = LengthGroupedBatchSampler(lengths, s.batch_size, seed=config.train.seed, drop_last=True,
                                         rank=accelerator.process_index, world_size=accelerator.num_processes)
     if len(sampler) == 0:
@@ -236,7 +238,7 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
     log = MetricsLog(out, accelerator.is_main_process)
     bar = tqdm(total=total_steps, initial=position.step, disable=not accelerator.is_main_process,
                desc=f"stage {stage}", dynamic_ncols=True)
-    samples, tick = 0, time.perf_counter()
+    samples, padded, positions, tick = 0, 0, 0, time.perf_counter()
     last_good = last
     while position.step < total_steps and position.epoch < s.epochs:
         sampler.set_epoch(position.epoch)
@@ -256,6 +258,9 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
                                 f"checkpoint: {last_good or 'none'}. Lower the learning rate or check the data.")
             accelerator.backward(loss)
             samples += len(batch["features"]) * accelerator.num_processes
+            if stage == 2:
+                padded += int((batch["attention_mask"] == 0).sum())
+                positions += batch["attention_mask"].numel()
             if position.batch_in_epoch % s.grad_accum:
                 continue
             grad_norm = None
@@ -275,10 +280,12 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
                           "lr": scheduler.get_last_lr()[-1], "samples_per_s": round(samples / elapsed, 2)}
                 if grad_norm is not None:
                     record["grad_norm"] = round(float(grad_norm), 6)
+                if positions:
+                    record["pad_fraction"] = round(padded / positions, 4)  # this process's batches
                 log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                 sps=f"{record['samples_per_s']:.1f}")
-                samples, tick = 0, time.perf_counter()
+                samples, padded, positions, tick = 0, 0, 0, time.perf_counter()
             if val_set is not None and position.step % config.train.eval_every == 0:
                 log.write({"stage": f"stage{stage}", "step": position.step,
                            **validate(wrapped, model, val_set, collate, stage, s.batch_size, accelerator)})

@@ -33,6 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--match", choices=("image", "caption"), default="image",
                    help="retrieval: a caption matches its own image (default), or every image with an "
                    "equal caption (data whose captions repeat, e.g. easy-VQA)")
+    p.add_argument("--baseline", action="append", default=[], metavar="NAME",
+                   help="also score a simpler model on the run's frozen features, in one table with the run "
+                   "(repeatable): chance, linear (retrieval); nearest, blind (caption). See docs/metrics.md")
+    p.add_argument("--train", help="training data for --baseline linear / nearest (the run's training set, "
+                   "never the test set)")
     add_generation_args(p, max_new_tokens=32)
     p.set_defaults(func=run)
 
@@ -41,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     from qvlm.eval.evaluate import evaluate_captions, evaluate_retrieval, evaluate_vqa, load_records
 
     gen = generation_kwargs(args)
+    if args.baseline:
+        from qvlm.eval.baselines import check_request
+
+        check_request(args.baseline, args.task, args.train)  # before the slow part
     records, read_skips = load_records(args.data)
     model = load_model(args.run, args.device, need_lm=args.task != "retrieval", command=f"eval --task {args.task}")
     run_dir = run_dir_of(Path(args.run))
@@ -57,13 +66,23 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_vqa(model, records, **common, **gen)
     result = {"task": args.task, "run": str(args.run), "data": str(args.data),
               "bad_records": sum(read_skips.skipped.values()), **result}
+    if args.baseline:
+        from qvlm.eval.baselines import run_baselines
+
+        result["baselines"], result["baseline_predictions"] = run_baselines(
+            model, records, args.baseline, args.task, train=args.train, match=args.match, **common, **gen)
     out = args.json_out or run_dir / "eval" / f"{args.task}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "predictions"}, ensure_ascii=False))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("predictions", "baseline_predictions")},
+                         ensure_ascii=False))
     else:
         print(format_table(result))
+        if args.baseline:
+            from qvlm.eval.baselines import format_baseline_table
+
+            print(format_baseline_table(result))
         print(f"wrote {out}")
     if result["skipped"] or result["bad_records"]:
         print(f"skipped: {result['skip_summary']}; malformed records: {result['bad_records']}", file=sys.stderr)

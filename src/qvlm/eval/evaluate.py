@@ -39,6 +39,7 @@ __all__ = [
     "text_embeddings",
     "image_embeddings",
     "evaluate_retrieval",
+    "retrieval_positives",
     "evaluate_captions",
     "evaluate_vqa",
     "write_report",
@@ -230,20 +231,29 @@ def evaluate_retrieval(
     if not kept:
         raise QVLMError(f"no readable images to evaluate ({skips.summary()})")
     texts = [c for rec in kept for c in by_key[rec.key]]
-    owner = [i for i, rec in enumerate(kept) for _ in by_key[rec.key]]
     sim = model.qformer.similarity(torch.cat(img_embeds), text_embeddings(model, texts, batch_size))
-    if match == "caption":
-        captions_of = [{normalise_caption(c) for c in by_key[rec.key]} for rec in kept]
-        positives = np.array([[normalise_caption(t) in caps for t in texts] for caps in captions_of])
-    elif match == "image":
-        positives = positives_from_groups(owner, list(range(len(kept))))
-    else:
-        raise ValueError(f"match must be 'image' or 'caption', got {match!r}")
+    positives = retrieval_positives([by_key[rec.key] for rec in kept], match)
     result = recall_at_k(sim, positives)
     if use_itm:
         result |= _itm_reranked(model, torch.cat(features), texts, sim.float().cpu(), positives,
                                 itm_top_k, batch_size)
     return {**result, **_skip_info(skips), "seconds": time.monotonic() - started}
+
+
+def retrieval_positives(captions: Sequence[Sequence[str]], match: str = "image") -> np.ndarray:
+    """Ground truth bool [Ni, Nt] for Ni images with these captions; texts are all captions, image by image.
+
+    ``match="image"``: a text matches its own image only; ``"caption"``: every image with an equal
+    caption (see :func:`evaluate_retrieval`).
+    """
+    texts = [c for caps in captions for c in caps]
+    if match == "caption":
+        captions_of = [{normalise_caption(c) for c in caps} for caps in captions]
+        return np.array([[normalise_caption(t) in caps for t in texts] for caps in captions_of], dtype=bool)
+    if match == "image":
+        owner = [i for i, caps in enumerate(captions) for _ in caps]
+        return positives_from_groups(owner, list(range(len(captions))))
+    raise ValueError(f"match must be 'image' or 'caption', got {match!r}")
 
 
 def _itm_reranked(model: QVLM, features: torch.Tensor, texts: Sequence[str], sim: torch.Tensor,

@@ -142,7 +142,7 @@ def test_nearest_and_blind_captions(model, data, tmp_path):
     for i in COPIED:  # an identical training image is the nearest: its caption is the prediction
         assert by_image[f"copy_{i}.png"]["prediction"] == f"thing {i}"
         assert by_image[f"copy_{i}.png"]["neighbour"].endswith(f"/{i}.png")
-    assert results["nearest"]["n"] == 4
+    assert results["nearest"]["n"] == 4 and results["nearest"]["test_images_in_train"] == len(COPIED)
     grey = Image.new("RGB", (32, 32), (128, 128, 128))
     caption = model.caption([grey], max_new_tokens=3)[0]
     assert results["blind"]["caption"] == caption
@@ -162,8 +162,10 @@ def test_eval_cli_retrieval_baselines(stage2_run, data, tmp_path, capsys):
     assert linear["ridge_alpha"] in RIDGE_ALPHAS and linear["n_train_images"] == N_TRAIN
     assert (linear["n_images"], linear["n_texts"]) == (result["n_images"], result["n_texts"]) == (4, 4)
     assert all(0.0 <= linear[f"{d}_r{k}"] <= 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10))
+    assert linear["test_images_in_train"] == len(COPIED) and "test_images_in_train" not in chance
     table = capsys.readouterr().out
     assert "run (ITC)" in table and "chance" in table and "linear (ridge alpha" in table
+    assert f"warning: {len(COPIED)} test image(s) are also in --train" in table
 
 
 def test_eval_cli_caption_baselines(stage2_run, data, tmp_path, capsys):

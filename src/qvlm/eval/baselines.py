@@ -322,14 +322,16 @@ def run_baselines(model: QVLM, records: Sequence[Record], names: Sequence[str], 
 
     Returns ({name: metrics}, {name: per-image predictions} for ``nearest``). Each metrics dict has
     the keys of the run's own result (``recall_at_k``'s or ``caption_scores``'s) and ``seconds``;
-    ``linear`` adds ``ridge_alpha`` and ``val_mean_recall``, ``blind`` its one ``caption``.
+    ``linear`` adds ``ridge_alpha`` and ``val_mean_recall``, ``blind`` its one ``caption``; the two
+    that learn from ``train`` add ``test_images_in_train`` (a leak check, 0 for a clean split).
     """
     check_request(names, task, train)
     cache = open_cache(model, cache)
     test = captioned_images(model, records, batch_size, cache, limit)
-    train_set = None
+    train_set = shared = None
     if any(n in NEEDS_TRAIN for n in names):
         train_set = captioned_images(model, load_records(train)[0], batch_size, cache)
+        shared = _shared_images(train_set, test)
     results: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[dict]] = {}
     for name in dict.fromkeys(names):  # each once, in the order asked
@@ -343,7 +345,15 @@ def run_baselines(model: QVLM, records: Sequence[Record], names: Sequence[str], 
         else:
             results[name] = blind_baseline(model, test, prompt, **gen)
         results[name]["seconds"] = time.monotonic() - started
+        if name in NEEDS_TRAIN:
+            results[name]["test_images_in_train"] = shared
     return results, predictions
+
+
+def _shared_images(train: CaptionedImages, test: CaptionedImages) -> int:
+    """How many test images are also training images (same bytes): they flatter ``nearest`` and ``linear``."""
+    seen = {r.content_hash() for r in train.records}
+    return sum(r.content_hash() in seen for r in test.records)
 
 
 _CAPTION_COLUMNS = {"bleu4": "BLEU-4", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr-D",
@@ -371,6 +381,10 @@ def format_baseline_table(result: dict[str, Any]) -> str:
     lines = [f"{'':<{width}}  " + "  ".join(f"{h:>8}" for h in columns.values())]
     lines += [f"{label:<{width}}  " + "  ".join(f"{_cell(m.get(k), percent):>8}" for k in columns)
               for label, m in rows]
+    leaked = max((m.get("test_images_in_train") or 0 for m in result.get("baselines", {}).values()), default=0)
+    if leaked:
+        lines.append(f"warning: {leaked} test image(s) are also in --train; the baselines that learn from it "
+                     "are flattered")
     return "\n".join(lines)
 
 

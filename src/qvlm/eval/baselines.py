@@ -98,7 +98,6 @@ class CaptionedImages:
     records: list[Record]  # one per kept (readable) image
     captions: list[list[str]]  # captions[i]: all captions of image i
     features: torch.Tensor  # [Ni, Dv] pooled frozen patch features, float32 CPU
-    skips: SkipCounter
 
 
 @torch.no_grad()
@@ -118,7 +117,7 @@ def captioned_images(model: QVLM, records: Sequence[Record], batch_size: int, ca
         pooled.append(feats.float().mean(dim=1).cpu())  # [B, P, Dv] -> [B, Dv]
     if not kept:
         raise QVLMError(f"no readable images for the baselines ({skips.summary()})")
-    return CaptionedImages(kept, [by_key[r.key] for r in kept], torch.cat(pooled), skips)
+    return CaptionedImages(kept, [by_key[r.key] for r in kept], torch.cat(pooled))
 
 
 def load_text_encoder(model: QVLM) -> torch.nn.Module:

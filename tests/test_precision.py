@@ -1,6 +1,9 @@
 """Mixed-precision choices: what `auto` resolves to, bf16 storage of frozen weights, attention kernels."""
 
+import json
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,15 +13,101 @@ from qvlm.models.vlm import QVLM
 from qvlm.train import precision
 
 
-def test_resolve_explicit_auto_and_bad_choices(monkeypatch):
+@pytest.fixture
+def fake_probe(tmp_path, monkeypatch):
+    """A fresh cache home and probe memory; returns `set(fp32_s, bf16_s)` to fake the probe's timings,
+    and `calls`, how many times the workloads were timed."""
+    monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "_probes", {})
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_model_name", lambda: "Test CPU 9000")
+    timings, calls = {}, []
+
+    def timed():
+        calls.append(1)
+        return {"matmul": [timings["fp32"], timings["bf16"]], "LM block fwd+bwd": [timings["fp32"], timings["bf16"]]}
+
+    monkeypatch.setattr(precision, "_time_workloads", timed)
+
+    def set_timings(fp32: float, bf16: float):
+        timings.update(fp32=fp32, bf16=bf16)
+        precision._probes.clear()  # as a new process would
+    return set_timings, calls
+
+
+def test_explicit_choices_and_bad_choices():
     cpu = torch.device("cpu")
     assert precision.resolve("fp32", cpu) == "fp32" and precision.resolve("bf16", cpu) == "bf16"
-    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
-    assert precision.resolve("auto", cpu) == "bf16"
-    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
-    assert precision.resolve("auto", cpu) == "fp32"
     with pytest.raises(ConfigError, match="mixed_precision must be one of"):
         precision.resolve("fp8", cpu)
+    assert precision.explain("fp32", cpu, "stage2.mixed_precision") == "precision: fp32 (stage2.mixed_precision=fp32)"
+
+
+@pytest.mark.parametrize(("fp32", "bf16", "choice"), [(2.0, 1.0, "bf16"), (1.0, 3.0, "fp32"), (1.1, 1.0, "fp32")])
+def test_auto_on_cpu_follows_the_measured_ratio_with_a_margin(fake_probe, fp32, bf16, choice):
+    set_timings, calls = fake_probe
+    set_timings(fp32, bf16)
+    assert precision.resolve("auto", torch.device("cpu")) == choice  # 1.1x is inside the margin: fp32
+    line = precision.explain("auto", torch.device("cpu"))
+    assert line.startswith(f"precision: {choice} (bf16 {fp32 / bf16:.2f}x fp32 on Test CPU 9000, probed 20")
+    assert ("needs >= 1.15x" in line) == (choice == "fp32") and len(calls) == 1
+
+
+def test_probe_is_cached_per_cpu_and_torch_version(fake_probe, monkeypatch, tmp_path):
+    set_timings, calls = fake_probe
+    set_timings(2.0, 1.0)
+    assert precision.resolve("auto", torch.device("cpu")) == "bf16"
+    set_timings(1.0, 2.0)  # a new process on the same machine: the cached choice stands, no new probe
+    assert precision.resolve("auto", torch.device("cpu")) == "bf16" and len(calls) == 1
+    saved = json.loads((tmp_path / "cache" / precision.PROBE_FILE).read_text())
+    entry = saved[f"Test CPU 9000 | torch {torch.__version__}"]
+    assert entry["choice"] == "bf16" and entry["ratio"] == pytest.approx(2.0) and entry["seconds"]["matmul"] == [2, 1]
+    monkeypatch.setattr(torch, "__version__", "9.9.9")  # a torch upgrade measures again
+    assert precision.resolve("auto", torch.device("cpu")) == "fp32" and len(calls) == 2
+    monkeypatch.setattr(precision, "cpu_model_name", lambda: "Other CPU")  # so does another CPU sharing the home
+    set_timings(3.0, 1.0)
+    assert precision.resolve("auto", torch.device("cpu")) == "bf16" and len(calls) == 3
+    assert len(json.loads((tmp_path / "cache" / precision.PROBE_FILE).read_text())) == 3
+
+
+def test_cpu_without_native_bf16_keeps_fp32_without_probing(fake_probe, monkeypatch):
+    set_timings, calls = fake_probe
+    set_timings(9.0, 1.0)  # would say bf16, but emulated bf16 is never trusted
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.resolve("auto", torch.device("cpu")) == "fp32" and not calls
+    assert precision.explain("auto", torch.device("cpu")) == "precision: fp32 (auto: Test CPU 9000 has no native bf16)"
+
+
+def test_gpu_path_asks_cuda_not_the_probe(fake_probe, monkeypatch):
+    set_timings, calls = fake_probe
+    cuda = torch.device("cuda")
+    for supported, choice in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
+        assert precision.resolve("auto", cuda) == choice
+    assert not calls
+
+
+def test_vision_auto_uses_the_same_decision(fake_probe, tiny_config):
+    from qvlm.models.vision import FrozenVisionEncoder
+
+    set_timings, _ = fake_probe
+    for fp32, bf16, dtype in ((2.0, 1.0, torch.bfloat16), (1.0, 2.0, None)):
+        set_timings(fp32, bf16)
+        (Path(os.environ["QVLM_CACHE"]) / precision.PROBE_FILE).unlink(missing_ok=True)  # a new machine
+        encoder = FrozenVisionEncoder.build(replace(tiny_config.vision, precision="auto"))
+        assert encoder.compute_dtype == dtype and precision.resolve("auto", torch.device("cpu")) == (
+            "bf16" if dtype else "fp32")
+
+
+def test_real_probe_times_every_workload_in_both_dtypes(tmp_path, monkeypatch):
+    monkeypatch.setenv("QVLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "_probes", {})
+    probe = precision.cpu_probe()
+    assert probe.cpu == precision.cpu_model_name() and probe.torch == torch.__version__
+    if not probe.native_bf16:
+        pytest.skip("this CPU has no native bf16: nothing is timed")
+    assert {"LM block fwd+bwd"} < set(probe.seconds) and all(0 < s < 5 for t in probe.seconds.values() for s in t)
+    assert probe.choice == ("bf16" if probe.ratio >= precision.MARGIN else "fp32")
 
 
 def test_frozen_lm_weights_go_bf16_trainable_stay_fp32(tiny_config, tiny_images):

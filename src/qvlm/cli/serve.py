@@ -46,6 +46,8 @@ def register(subparsers) -> None:
                    help="largest max_tokens a request may ask for (default: %(default)s)")
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
                    help="max_tokens when a request gives none (default: %(default)s)")
+    p.add_argument("--decode-slots", type=int, default=d.decode_slots,
+                   help="images decoded at once; each may briefly hold 4 bytes per pixel (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="queued requests answered together in one model call (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
@@ -58,15 +60,17 @@ def run(args: argparse.Namespace) -> int:
 
     from qvlm.models.vlm import QVLM
     from qvlm.serve import ServeSettings, create_app
+    from qvlm.utils import check_device
 
     settings = ServeSettings(
         host=args.host, port=args.port, api_key=args.api_key or None, insecure=args.insecure,
         allow_remote_images=args.allow_remote_images, max_body_bytes=args.max_body_bytes,
         max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_images=args.max_images,
         max_prompt_chars=args.max_prompt_chars, max_tokens_limit=args.max_tokens_limit,
-        default_max_tokens=args.default_max_tokens, batch_size=args.batch_size, max_queue=args.max_queue)
+        default_max_tokens=args.default_max_tokens, decode_slots=args.decode_slots, batch_size=args.batch_size,
+        max_queue=args.max_queue)
     settings.validate()  # before loading the model: refuse an unsafe bind at once
-    model = QVLM.from_pretrained(args.run, device=args.device)
+    model = QVLM.from_pretrained(args.run, device=check_device(args.device))
     model_id = args.model_id or served_model_id(Path(args.run))
     if model.stage != 2:
         print("qvlm serve: note: stage-1 model (Q-Former only): the API will refuse chat requests")

@@ -41,6 +41,19 @@ def resolve_config(args) -> QVLMConfig:
     return config.override(args.overrides)
 
 
+def check_data(data: str, val: str | None) -> None:
+    """Fail on a wrong --data/--val at once, before the models load (which may download the bundle)."""
+    from qvlm.data.images import DataError
+    from qvlm.data.records import read_records
+
+    for flag, spec in (("--data", data), ("--val", val)):
+        try:
+            if spec:
+                read_records(spec)  # checks the path and format; reads no record yet
+        except DataError as e:
+            raise QVLMError(f"{flag}: {e}") from e
+
+
 def run(args) -> int:
     from qvlm.train.trainer import train
 
@@ -48,6 +61,7 @@ def run(args) -> int:
     init = getattr(args, "init", None)
     if stage == 2 and init and not Path(init).exists():
         raise QVLMError(f"--init {init}: no such stage-1 run folder")
+    check_data(args.data, args.val)
     model_dir = train(resolve_config(args), stage, args.data, args.out, val=args.val, init=init,
                       resume=args.resume)
     print(f"model saved to {model_dir}")

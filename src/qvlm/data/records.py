@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import csv
+import difflib
 import glob
 import hashlib
 import json
@@ -30,6 +31,8 @@ from torch.utils.data import IterableDataset
 from qvlm.data.images import DEFAULT_MAX_PIXELS, BadSample, DataError, SkipCounter, load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+KNOWN_FIELDS = ("image", "image_path", "file_name", "caption", "captions", "question", "answer", "answers",
+                "answer_type")
 T = TypeVar("T")
 
 
@@ -130,18 +133,27 @@ def record_from_fields(row: dict[str, Any], base: Path, key: str) -> Record:
     """Build a record from manifest fields; raise `BadSample("bad_record")` when required ones lack."""
     image = row.get("image") or row.get("image_path") or row.get("file_name")
     if not isinstance(image, str) or not image:
-        raise BadSample("bad_record", f"{key}: no 'image' field")
+        raise BadSample("bad_record", f"{key}: no 'image' field{_did_you_mean(row, 'image')}")
     captions = _as_list(row.get("captions")) or _as_list(row.get("caption"))
     question = row.get("question") or None
     answers = _as_list(row.get("answers")) or _as_list(row.get("answer"))
     if question is None and not captions:
-        raise BadSample("bad_record", f"{key}: needs 'caption(s)' or 'question'")
+        raise BadSample("bad_record", f"{key}: needs 'caption(s)' or 'question'"
+                                      f"{_did_you_mean(row, 'caption', 'captions', 'question')}")
     image_path = image if os.path.isabs(image) else str((base / image).resolve())
-    known = {"image", "image_path", "file_name", "caption", "captions", "question", "answer", "answers",
-             "answer_type"}
-    meta = {k: v for k, v in row.items() if k not in known and v not in (None, "")}
+    meta = {k: v for k, v in row.items() if k not in KNOWN_FIELDS and v not in (None, "")}
     return Record(key=key, image_path=image_path, captions=captions, question=question, answers=answers,
                   answer_type=row.get("answer_type") or None, meta=meta)
+
+
+def _did_you_mean(row: dict[str, Any], *wanted: str) -> str:
+    """` (unknown field 'captoin': did you mean 'caption'?)` for the row's field closest to a wanted one."""
+    for name in row:
+        if name not in KNOWN_FIELDS:
+            close = difflib.get_close_matches(str(name), wanted, n=1, cutoff=0.7)
+            if close:
+                return f" (unknown field {name!r}: did you mean {close[0]!r}?)"
+    return ""
 
 
 def _as_list(value: Any) -> list[str]:
@@ -166,38 +178,51 @@ def _table_list(cell: str | None) -> list[str] | None:
 
 
 def read_jsonl(path: str | Path, skips: SkipCounter | None = None) -> Iterator[Record]:
+    """Records of a JSONL manifest; a line that is not UTF-8, not JSON, not an object or lacks required
+    fields is counted in `skips` as "bad_record" with its line number and why (the line is dropped)."""
     path = Path(path)
     base = path.resolve().parent
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: one non-UTF-8 line is one bad record, not a failed read
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             key = f"{path.name}:{line_no}"
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
                 if not isinstance(row, dict):
                     raise BadSample("bad_record", f"{key}: not a JSON object")
                 yield record_from_fields(row, base, key)
-            except json.JSONDecodeError:
-                _count(skips, "bad_record", key)
+            except UnicodeDecodeError:
+                _count(skips, "bad_record", f"{key} (not UTF-8 text)")
+            except (json.JSONDecodeError, RecursionError):
+                _count(skips, "bad_record", f"{key} (not valid JSON)")
             except BadSample as e:
-                _count(skips, e.reason, key)
+                _count(skips, e.reason, e.detail or key)
 
 
 def read_table(path: str | Path, skips: SkipCounter | None = None) -> Iterator[Record]:
     path = Path(path)
     base = path.resolve().parent
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, encoding="utf-8", newline="") as f:
+    # surrogateescape: a non-UTF-8 byte becomes a lone surrogate that marks its row bad below
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         for row_no, row in enumerate(csv.DictReader(f, delimiter=delimiter), start=2):
             key = f"{path.name}:{row_no}"
             try:
+                if any(_has_surrogates(v) for v in [*row.keys(), *row.values()]):
+                    raise BadSample("bad_record", f"{key} (not UTF-8 text)")
                 fields = {k: v for k, v in row.items() if k}
                 for name in ("captions", "answers"):
                     fields[name] = _table_list(fields.get(name))
                 yield record_from_fields(fields, base, key)
             except BadSample as e:
-                _count(skips, e.reason, key)
+                _count(skips, e.reason, e.detail or key)
+
+
+def _has_surrogates(value: object) -> bool:
+    if isinstance(value, list):  # DictReader's extra cells
+        return any(_has_surrogates(v) for v in value)
+    return isinstance(value, str) and any("\udc80" <= c <= "\udcff" for c in value)
 
 
 def _count(skips: SkipCounter | None, reason: str, key: str) -> None:

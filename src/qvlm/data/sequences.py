@@ -8,22 +8,25 @@ even when the tokenizer's pad token *is* EOS (SmolLM2), otherwise the model neve
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 IMAGE_MARKER = "<image>"
+USER_MARKER = "<qvlm-user-text>"  # where the user text goes: it is tokenised apart, see prompt_token_ids
 IGNORE = -100
 
 
-def render_prompt(tokenizer, user_text: str, image_position: str = "before",
-                  system_prompt: str | None = None) -> str:
-    """The chat-templated prompt up to the assistant's turn, with IMAGE_MARKER where the image goes.
+def render_prompt(tokenizer, image_position: str = "before", system_prompt: str | None = None) -> str:
+    """The chat-templated prompt up to the assistant's turn, with IMAGE_MARKER where the image goes and
+    USER_MARKER where the user text goes.
 
     With `system_prompt=None` no system turn is rendered at all, even when the template would add a
     default one (SmolLM2's adds ~30 tokens; sequence length sets stage-2 speed).
     """
     if image_position not in ("before", "after"):
         raise ValueError(f"image_position must be 'before' or 'after', got {image_position!r}")
-    content = f"{IMAGE_MARKER}\n{user_text}" if image_position == "before" else f"{user_text}\n{IMAGE_MARKER}"
+    content = f"{IMAGE_MARKER}\n{USER_MARKER}" if image_position == "before" else f"{USER_MARKER}\n{IMAGE_MARKER}"
     user = {"role": "user", "content": content}
     system = {"role": "system", "content": system_prompt or ""}
     full = tokenizer.apply_chat_template([system, user], tokenize=False, add_generation_prompt=True)
@@ -34,15 +37,31 @@ def render_prompt(tokenizer, user_text: str, image_position: str = "before",
     return full[len(system_only):] if full.startswith(system_only) else full
 
 
-def prompt_token_ids(tokenizer, prompt: str, num_queries: int, slot_id: int) -> tuple[list[int], list[bool]]:
-    """Tokenise a rendered prompt, expanding IMAGE_MARKER into `num_queries` slot positions."""
-    before, found, after = prompt.partition(IMAGE_MARKER)
-    if not found:
-        raise ValueError(f"prompt has no {IMAGE_MARKER} slot: {prompt!r}")
-    head = tokenizer(before, add_special_tokens=False).input_ids
-    tail = tokenizer(after, add_special_tokens=False).input_ids
-    ids = head + [slot_id] * num_queries + tail
-    is_image = [False] * len(head) + [True] * num_queries + [False] * len(tail)
+def prompt_token_ids(tokenizer, prompt: str, user_text: str, num_queries: int,
+                     slot_id: int) -> tuple[list[int], list[bool]]:
+    """Tokenise a rendered prompt, expanding IMAGE_MARKER into `num_queries` slot positions and USER_MARKER
+    into `user_text`'s tokens.
+
+    The user text is tokenised with `split_special_tokens`: a user who types `<|im_end|><|im_start|>` gets
+    those characters as plain text, never the template's control tokens (nor an image slot for `<image>`).
+    """
+    pieces = re.split(f"({re.escape(IMAGE_MARKER)}|{re.escape(USER_MARKER)})", prompt)
+    for marker in (IMAGE_MARKER, USER_MARKER):
+        if pieces.count(marker) != 1:
+            raise ValueError(f"prompt must hold {marker} once: {prompt!r}")
+    ids: list[int] = []
+    is_image: list[bool] = []
+    for piece in pieces:
+        if piece == IMAGE_MARKER:
+            ids += [slot_id] * num_queries
+            is_image += [True] * num_queries
+            continue
+        if piece == USER_MARKER:
+            piece_ids = tokenizer(user_text, add_special_tokens=False, split_special_tokens=True).input_ids
+        else:
+            piece_ids = tokenizer(piece, add_special_tokens=False).input_ids if piece else []
+        ids += piece_ids
+        is_image += [False] * len(piece_ids)
     return ids, is_image
 
 
@@ -59,9 +78,9 @@ def build_stage2_batch(tokenizer, user_texts: list[str], answers: list[str] | No
         raise ValueError(f"{len(user_texts)} prompts but {len(answers)} answers")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = []
+    prompt = render_prompt(tokenizer, image_position, system_prompt)
     for i, text in enumerate(user_texts):
-        prompt = render_prompt(tokenizer, text, image_position, system_prompt)
-        ids, is_image = prompt_token_ids(tokenizer, prompt, num_queries, slot_id=pad_id)
+        ids, is_image = prompt_token_ids(tokenizer, prompt, text, num_queries, slot_id=pad_id)
         labels = [IGNORE] * len(ids)
         if answers is not None:
             answer_ids = tokenizer(answers[i].strip(), add_special_tokens=False).input_ids

@@ -50,7 +50,7 @@ def build_lm(cfg: LMConfig, device: str | torch.device = "cpu", weights_from: st
             AutoTokenizer.from_pretrained, cfg.tokenizer, "LM tokenizer")
     else:
         lm = hub.from_pretrained(AutoModelForCausalLM.from_pretrained, source, "language model",
-                                 dtype=getattr(torch, cfg.dtype))
+                                 dtype=getattr(torch, cfg.dtype), use_safetensors=True)
         tokenizer = hub.from_pretrained(AutoTokenizer.from_pretrained, weights_from or cfg.tokenizer or cfg.name,
                                         "LM tokenizer")
     if tokenizer.pad_token_id is None:

@@ -29,12 +29,13 @@ from qvlm.config import QVLMConfig
 from qvlm.data.cache import FeatureCache
 from qvlm.data.collate import LengthGroupedBatchSampler, Stage1Collator, Stage2Collator, positive_pairs
 from qvlm.data.datasets import CaptionDataset, InstructionDataset
+from qvlm.data.images import SkipCounter
 from qvlm.data.records import read_records
 from qvlm.errors import QVLMError
 from qvlm.eval.metrics import exact_match
 from qvlm.models.vlm import QVLM, WEIGHTS_FILE, model_folder
 from qvlm.train import precision
-from qvlm.train.checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
+from qvlm.train.checkpoint import Position, drop_metrics_after, resume_latest, save_checkpoint
 from qvlm.train.optim import make_optimizer, stage1_param_groups, stage2_param_groups, warmup_cosine
 from qvlm.utils import cache_home
 
@@ -166,17 +167,21 @@ def build_model(config: QVLMConfig, stage: int, init: Path | None) -> QVLM:
 def _datasets(config: QVLMConfig, stage: int, data: str, val: str | None, cache: FeatureCache,
               accelerator: Accelerator):
     """Build the feature cache (main process first; the others then just read it) and the datasets."""
-    train_records = list(read_records(data))
+    # Malformed manifest lines are counted with the samples, so they show in the report and the check
+    skips = SkipCounter("samples")
+    train_records = list(read_records(data, skips=skips))
     val_records = list(read_records(val)) if val else []
     with accelerator.main_process_first():
-        skips = cache.build(train_records + val_records, progress=accelerator.is_main_process)
+        image_skips = cache.build(train_records + val_records, progress=accelerator.is_main_process)
         cache.encoder = None  # reading needs no encoder; keeps DataLoader workers light
-    accelerator.print(f"{cache.summary()}; {skips.summary()}")
+    accelerator.print(f"{cache.summary()}; {image_skips.summary()}")
     if stage == 1:
-        make = lambda records: CaptionDataset(records, cache=cache)  # noqa: E731
+        make = lambda records, skips=None: CaptionDataset(records, cache=cache, skips=skips)  # noqa: E731
     else:
-        make = lambda records: InstructionDataset(records, cache=cache, seed=config.train.seed)  # noqa: E731
-    train_set = make(train_records)
+        make = lambda records, skips=None: InstructionDataset(records, cache=cache, seed=config.train.seed,  # noqa: E731
+                                                              skips=skips)
+    train_set = make(train_records, skips)
+    accelerator.print(f"training data: {skips.report()}")
     train_set.check(config.train.max_bad_fraction)
     return train_set, (make(val_records) if val_records else None)
 
@@ -195,6 +200,7 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
                               cpu=_multi_cpu(), dynamo_backend="inductor" if config.train.compile else "no",
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     _prepare_run_folder(out, config, stage, resume, accelerator)
+    accelerator.print(precision.explain(s.mixed_precision, device, f"stage{stage}.mixed_precision"))
     set_seed(config.train.seed)
 
     # Model, feature cache, data
@@ -230,10 +236,13 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
 
     position = Position()
     checkpoints = out / "checkpoints"
-    last = latest_checkpoint(checkpoints) if resume else None
-    if last is not None:
-        position = load_checkpoint(last, model, optimizer, scheduler)
+    resumed = resume_latest(checkpoints, model, optimizer, scheduler) if resume else None
+    last = resumed[0] if resumed else None
+    if resumed is not None:
+        position = resumed[1]
         accelerator.print(f"resumed from {last} (step {position.step}, epoch {position.epoch})")
+    if resume and accelerator.is_main_process:
+        drop_metrics_after(out / "metrics.jsonl", position.step)  # the steps after it are trained again
 
     log = MetricsLog(out, accelerator.is_main_process)
     bar = tqdm(total=total_steps, initial=position.step, disable=not accelerator.is_main_process,

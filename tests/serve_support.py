@@ -78,3 +78,21 @@ def running_server(app, port: int | None = None, timeout_s: float = 30.0) -> Ite
     finally:
         server.should_exit = True
         thread.join(timeout=timeout_s)
+
+
+def sixteen_bit_png(side: int = 5000, channels: int = 4) -> bytes:
+    """A `side`×`side` 16-bit PNG (RGBA by default, grey with channels=1) of one flat colour: ~100 KB
+    on the wire for 5000×5000, hundreds of MB once decoded. Written by hand: PIL cannot write 16-bit RGBA."""
+    import struct
+    import zlib
+
+    colour_type = {1: 0, 3: 2, 4: 6}[channels]
+    row = b"\x00" + b"\x12\x34" * (side * channels)  # filter byte 0, then the samples
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", side, side, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")

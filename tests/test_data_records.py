@@ -159,3 +159,42 @@ def test_hf_datasets_folder(tmp_path):
     ds.save_to_disk(str(tmp_path / "hf"))
     records = load_records(tmp_path / "hf")
     assert [r.captions for r in records] == [["x"], ["y"]] and records[0].open_image().size == (8, 8)
+
+
+def _bad_manifest(tmp_path, good: int = 100) -> tuple:
+    """A stage-1 manifest of `good` usable lines and 80 bad ones of every kind (the issue's attack)."""
+    (tmp_path / "imgs").mkdir(exist_ok=True)
+    (tmp_path / "imgs" / "a.jpg").write_bytes(jpeg())
+    bad = [b'{"image": "imgs/a.jpg", "caption": "cut off', b"not json at all", b"[1, 2, 3]", b'"a string"',
+           b'{"caption": "no image field"}', b'{"image": "imgs/a.jpg", "captoin": "a typo"}',
+           b'{"image": "imgs/a.jpg", "caption": "caf\xe9 in latin-1"}', b"[" * 100_000]
+    bad = (bad * 10)[:80]
+    lines = [json.dumps({"image": "imgs/a.jpg", "caption": f"shape {i}"}).encode() for i in range(good)]
+    lines = [x for i, line in enumerate(lines) for x in ([line, bad[i]] if i < len(bad) else [line])]
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path, len(bad)
+
+
+def test_every_malformed_manifest_line_is_counted_with_its_line_and_reason(tmp_path):
+    path, n_bad = _bad_manifest(tmp_path)
+    skips = SkipCounter("samples")
+    records = list(read_records(path, skips=skips))  # the non-UTF-8 line no longer aborts the read
+    assert len(records) == 100
+    assert skips.skipped["bad_record"] == n_bad == 80
+    report = skips.report()
+    assert "m.jsonl:2 (not valid JSON)" in report  # line numbers of the first bad lines, and why
+    examples = SkipCounter("samples", examples_per_reason=100)
+    list(read_records(path, skips=examples))
+    shown = examples.examples["bad_record"]
+    assert any("unknown field 'captoin': did you mean 'caption'?" in e for e in shown)
+    assert any("not UTF-8" in e for e in shown) and any("not a JSON object" in e for e in shown)
+    assert any("no 'image' field" in e for e in shown)
+
+
+def test_non_utf8_csv_row_is_a_bad_record(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(jpeg())
+    (tmp_path / "t.csv").write_bytes(b"image,caption\na.jpg,fine\na.jpg,caf\xe9\na.jpg,also fine\n")
+    skips = SkipCounter()
+    assert [r.captions for r in read_records(tmp_path / "t.csv", skips=skips)] == [["fine"], ["also fine"]]
+    assert skips.skipped["bad_record"] == 1 and "t.csv:3 (not UTF-8 text)" in skips.examples["bad_record"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -113,6 +114,8 @@ BIG_PIXELS = png_bytes(Image.new("RGB", (1000, 1000)))  # compresses small, but 
 TRUNCATED = png_bytes(sample_image(64))[:60]
 BAD_REQUESTS = {
     "malformed_json": (b'{"model": ', 400, "invalid_json"),
+    "deeply_nested_json": (b"[" * 100_000, 400, "invalid_json"),  # RecursionError in json.loads
+    "huge_integer": (b'{"max_tokens": ' + b"9" * 5000 + b"}", 400, "invalid_json"),  # past int's digit limit
     "body_not_object": ([1, 2], 400, None),
     "body_too_large": (_body(user(image_part(), text="x" * 400_000)), 413, "request_too_large"),
     "image_bytes_too_large": (_body(user(image_part(_b64(_noise_png(200))))), 400, "image_too_large"),
@@ -138,8 +141,8 @@ BAD_REQUESTS = {
 def test_bad_request_gets_openai_error(server, name):
     body, status, code = BAD_REQUESTS[name]
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
-    r = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
-                   **kwargs)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(f"{server}/v1/chat/completions", headers=headers, timeout=30, **kwargs)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -147,6 +150,25 @@ def test_bad_request_gets_openai_error(server, name):
     if code is not None:
         assert error["code"] == code
     assert httpx.get(f"{server}/health").status_code == 200  # still up
+
+
+def test_cross_site_text_plain_post_is_refused(server):
+    # A page on another site can POST text/plain without a CORS preflight; JSON it cannot.
+    r = httpx.post(f"{server}/v1/chat/completions", content=json.dumps(_body(user(image_part()))),
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain",
+                            "Origin": "http://evil.example"}, timeout=30)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.evil.example"])
+def test_dns_rebinding_host_is_refused_on_a_loopback_bind(server, host):
+    for method, path in (("GET", "/health"), ("GET", "/"), ("POST", "/v1/chat/completions")):
+        r = httpx.request(method, f"{server}{path}", headers={"Host": host, "Authorization": f"Bearer {KEY}"},
+                          json=_body(user(image_part())) if method == "POST" else None)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", (method, path)
+    port = server.rsplit(":", 1)[1]
+    for name in (f"localhost:{port}", f"127.0.0.1:{port}", "[::1]", "LOCALHOST"):
+        assert httpx.get(f"{server}/health", headers={"Host": name}).status_code == 200, name
 
 
 def test_unknown_route_is_openai_shaped(server):

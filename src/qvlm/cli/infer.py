@@ -73,8 +73,9 @@ def load_model(run: str, device: str | None = None, need_lm: bool = False, comma
     import torch
 
     from qvlm.models.vlm import QVLM
+    from qvlm.utils import check_device
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
     model = QVLM.from_pretrained(run, device=device)
     if need_lm and model.stage != 2:
         raise QVLMError(f"{run} is a stage-1 model (Q-Former only); `qvlm {command}` needs a stage-2 run "

@@ -37,11 +37,15 @@ class BadSample(QVLMError):
 ImageSource = str | Path | bytes
 
 
-def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS,
+               shrink_to: int | None = None) -> Image.Image:
     """Decode `source` (a path or the encoded bytes) into an RGB image, or raise `BadSample`.
 
     Transparency is composited on white; 16-bit and float modes are rescaled, not clipped; EXIF
-    orientation is applied so that captions match what a person sees.
+    orientation is applied so that captions match what a person sees. With `shrink_to` (the encoder's
+    input side), a larger image is scaled down right after decoding to a short side of 2 × shrink_to
+    (JPEG decodes at reduced scale directly): the colour conversions then run on the small image, so
+    a server holds a few MB per image instead of hundreds (a 5000×5000 PNG).
     """
     data = _read_bytes(source)
     # Our own pixel check below is the limit; PIL's global one must not be stricter than it.
@@ -53,7 +57,11 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
             img = Image.open(io.BytesIO(data))  # lazy: reads the header only
             if img.width * img.height > max_pixels:
                 raise BadSample("too_large", f"{img.width}x{img.height} exceeds {max_pixels} pixels")
+            if shrink_to:
+                img.draft(None, (2 * shrink_to, 2 * shrink_to))  # JPEG: decode at 1/2..1/8 scale
             img.load()
+            if shrink_to:
+                img = _shrink(img, 2 * shrink_to)
             img = ImageOps.exif_transpose(img)
     except BadSample:
         raise
@@ -67,6 +75,17 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     if img.width == 0 or img.height == 0:
         raise BadSample("corrupt", "zero-sized image")
     return to_rgb(img)
+
+
+def _shrink(img: Image.Image, short_side: int) -> Image.Image:
+    """Box-filter `img` down to `short_side` on its shorter side (aspect kept); smaller images unchanged.
+    The 2× margin over the encoder's side keeps the encoder's own bicubic resize doing the final step,
+    as PIL's `reducing_gap` does."""
+    scale = short_side / min(img.size)
+    if scale >= 1:
+        return img
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.BOX)
 
 
 def _read_bytes(source: ImageSource) -> bytes:
@@ -104,19 +123,21 @@ def _composite_on_white(rgba: Image.Image) -> Image.Image:
 
 def _rescale_wide(img: Image.Image) -> Image.Image:
     """16-bit, 32-bit integer and float grey images → 8-bit RGB (PIL's convert would clip at 255)."""
-    arr = np.asarray(img, dtype=np.float64)
+    # A writable copy, scaled in place: float32 is exact for 16-bit values and half of float64's memory.
+    arr = np.array(img, dtype=np.float32)
     if img.mode.startswith("I;16"):
-        scaled = arr / 257.0  # 0..65535 → 0..255
+        arr /= 257.0  # 0..65535 → 0..255
     elif img.mode == "F" and arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
-        scaled = arr * 255.0  # float images in [0, 1]
+        arr *= 255.0  # float images in [0, 1]
     elif arr.size and arr.min() >= 0 and arr.max() <= 255:
-        scaled = arr
+        pass
     elif arr.size and arr.min() >= 0 and arr.max() <= 65535:
-        scaled = arr / 257.0  # 16-bit PNGs open as mode "I"
+        arr /= 257.0  # 16-bit PNGs open as mode "I"
     else:
         lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 1.0)
-        scaled = (arr - lo) * (255.0 / max(hi - lo, 1e-12))
-    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        arr -= lo
+        arr *= 255.0 / max(hi - lo, 1e-12)
+    grey = np.clip(np.rint(arr, out=arr), 0, 255, out=arr).astype(np.uint8)
     return Image.fromarray(grey, mode="L").convert("RGB")
 
 
@@ -183,11 +204,13 @@ class SkipCounter:
         return (f"{self.total} {self.what}: {self.used} used, {bad} skipped "
                 f"({100 * self.bad_fraction:.1f}%: {reasons})")
 
+    def report(self) -> str:
+        """`summary()` plus the first skipped keys of each reason (manifest lines say where and why)."""
+        examples = "; ".join(f"{r}: {', '.join(k)}" for r, k in self.examples.items() if k)
+        return f"{self.summary()}{f' — e.g. {examples}' if examples else ''}"
+
     def check(self, max_bad_fraction: float = 0.05) -> None:
         """Raise `DataError` when more than `max_bad_fraction` of the samples were skipped."""
         if self.total and self.bad_fraction > max_bad_fraction:
-            examples = "; ".join(f"{r}: {', '.join(k)}" for r, k in self.examples.items() if k)
-            raise DataError(
-                f"{self.summary()} — more than the allowed {100 * max_bad_fraction:.1f}% "
-                f"(train.max_bad_fraction); check the data{f' (e.g. {examples})' if examples else ''}"
-            )
+            raise DataError(f"{self.report()} — more than the allowed {100 * max_bad_fraction:.1f}% "
+                            "(train.max_bad_fraction); check the data")

@@ -50,7 +50,8 @@ class FrozenVisionEncoder(nn.Module):
             mean, std = IMAGENET_MEAN, IMAGENET_STD
             weights_id = hashlib.sha256(json.dumps(cfg.random_init, sort_keys=True).encode()).hexdigest()[:12]
         else:
-            backbone = hub.from_pretrained(AutoModel.from_pretrained, cfg.name, "vision encoder")
+            backbone = hub.from_pretrained(AutoModel.from_pretrained, cfg.name, "vision encoder",
+                                           use_safetensors=True)
             processor = hub.from_pretrained(AutoImageProcessor.from_pretrained, cfg.name, "image processor")
             native = _processor_size(processor) or backbone.config.image_size
             mean, std = processor.image_mean, processor.image_std

@@ -1,7 +1,8 @@
 """The FastAPI app: the page at `/`, the OpenAI-compatible API under `/v1`, and `/health`.
 
 Requests are parsed and checked here (cheap, on the event loop or the thread pool); only checked work
-reaches the single model worker (`worker.py`).
+reaches the single model worker (`worker.py`). Images are decoded a few at a time (`decode_slots`) and
+shrunk right away, so concurrent large images cannot multiply the server's memory.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qvlm.serve.chat import ChatRequest, parse_chat_request
 from qvlm.serve.errors import APIError, error_body
 from qvlm.serve.images import fetch_image
-from qvlm.serve.settings import ServeSettings
+from qvlm.serve.settings import LOOPBACK_NAMES, ServeSettings, is_loopback
 from qvlm.serve.stream import stream_chunks
 from qvlm.serve.worker import Job, ModelWorker, Result
 
@@ -43,6 +47,7 @@ def create_app(model, model_id: str, settings: ServeSettings | None = None) -> F
     """An app serving `model` (a loaded QVLM) as `model_id`. The worker thread runs while the app does."""
     settings = settings or ServeSettings()
     worker = ModelWorker(model, settings.batch_size, settings.max_queue)
+    decode_slots = anyio.CapacityLimiter(settings.decode_slots)
     created = int(time.time())
 
     @asynccontextmanager
@@ -56,6 +61,8 @@ def create_app(model, model_id: str, settings: ServeSettings | None = None) -> F
     app = FastAPI(title="qvlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
     _install_error_handlers(app)
+    if is_loopback(settings.host):
+        app.add_middleware(LoopbackHostCheck, host=settings.host)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def require_key(request: Request) -> None:
@@ -94,20 +101,23 @@ def create_app(model, model_id: str, settings: ServeSettings | None = None) -> F
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         require_key(request)
+        _require_json(request)
         chat = parse_chat_request(await _read_json(request, settings.max_body_bytes), settings)
         if chat.model is not None and chat.model != model_id:
             raise _unknown_model(chat.model)
         if model.stage != 2:
             raise APIError(400, "this is a stage-1 model (Q-Former only, for retrieval): it cannot caption or "
                            "answer; serve a run trained through stage 2", code="model_not_generative")
-        image = await fetch_image(chat.image_url, settings)
+        image = await fetch_image(chat.image_url, settings, decode_slots, model.vision.image_size)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if chat.stream:
             chunks = stream_chunks(worker, Job(image, chat.text, chat.gen), completion_id, model_id,
                                    chat.include_usage)
             return StreamingResponse(_first_then_rest(await anext(chunks), chunks), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        result = await worker.run(Job(image, chat.text, chat.gen))
+        result = await worker.run(Job(image, chat.text, chat.gen), gone=request.is_disconnected)
+        if result is None:  # the client left; its job was dropped. 499: nginx's "client closed request"
+            return Response(status_code=499)
         return _completion(result, completion_id, model_id, chat)
 
     return app
@@ -135,6 +145,41 @@ def _unknown_model(name: str) -> APIError:
                     param="model", code="model_not_found")
 
 
+def _require_json(request: Request) -> None:
+    """Only JSON bodies: a cross-site page can POST `text/plain` without a CORS preflight, never JSON."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"send the request body as JSON with `Content-Type: application/json` "
+                       f"(got {media_type or 'none'!r})", code="unsupported_media_type")
+
+
+class LoopbackHostCheck:
+    """On a loopback bind, answer only requests addressed to a loopback name: a page on another site
+    whose DNS name is re-pointed at 127.0.0.1 (DNS rebinding) still sends its own name as Host.
+    Plain ASGI rather than `@app.middleware`, which would get between streamed responses and disconnects."""
+
+    def __init__(self, app: ASGIApp, host: str):
+        self.app = app
+        self.allowed = LOOPBACK_NAMES | {"127.0.0.1", "::1", host.lower().strip("[]")}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            name = _host_name(Headers(scope=scope).get("host", ""))
+            if name and name not in self.allowed:
+                message = f"this server answers only to {sorted(self.allowed)}, not to Host {name!r}"
+                await JSONResponse(error_body(message, code="invalid_host"), status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _host_name(header: str) -> str:
+    """The name part of a Host header: `[::1]:8000` -> `::1`, `localhost:8000` -> `localhost`."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
 async def _read_json(request: Request, limit: int) -> object:
     """The body as JSON, read no further than `limit` bytes (413 beyond), malformed JSON -> 400."""
     declared = request.headers.get("content-length")
@@ -147,8 +192,10 @@ async def _read_json(request: Request, limit: int) -> object:
             raise _too_large(len(body), limit)
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError also covers integers past Python's digit limit; RecursionError, nesting like [[[[...
+        reason = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json") from e
 
 
 def _too_large(size: int, limit: int) -> APIError:

@@ -1,7 +1,9 @@
 """Turn an `image_url` into a checked PIL image: base64 `data:` URLs always, http(s) only when allowed.
 
 Size is checked before work is done: the encoded length before base64-decoding, the byte count while
-downloading, the pixel count from the header before the pixels are decoded (`load_image`).
+downloading, the pixel count from the header before the pixels are decoded (`load_image`). Decoding
+takes one of a few slots (a full-size decode of a 5000×5000 image holds ~100 MB) and the image is shrunk
+to about twice the encoder's side at once, so what waits in the model queue is small.
 """
 
 from __future__ import annotations
@@ -9,9 +11,9 @@ from __future__ import annotations
 import base64
 import binascii
 
+import anyio
 import httpx
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
 from qvlm.data.images import BadSample, load_image
 from qvlm.serve.errors import APIError
@@ -20,7 +22,8 @@ from qvlm.serve.settings import ServeSettings
 PARAM = "messages"
 
 
-async def fetch_image(url: str, settings: ServeSettings) -> Image.Image:
+async def fetch_image(url: str, settings: ServeSettings, decode_slots: anyio.CapacityLimiter,
+                      shrink_to: int | None = None) -> Image.Image:
     if url.startswith("data:"):
         data = decode_data_url(url, settings.max_image_bytes)
     elif url.startswith(("http://", "https://")):
@@ -32,8 +35,11 @@ async def fetch_image(url: str, settings: ServeSettings) -> Image.Image:
     else:
         raise APIError(400, "image_url must be a data: URL (data:image/png;base64,...) or an http(s) URL",
                        param=PARAM, code="invalid_image_url")
-    # Decoding a large image takes a while: keep it off the event loop.
-    return await run_in_threadpool(decode_image, data, settings.max_pixels)
+    if decode_slots.statistics().tasks_waiting >= settings.max_queue:
+        raise APIError(429, "the server is busy: too many images waiting to be decoded, retry shortly",
+                       code="queue_full", type_="rate_limit_error")
+    # Off the event loop (decoding takes a while), and only `decode_slots` at once.
+    return await anyio.to_thread.run_sync(decode_image, data, settings.max_pixels, shrink_to, limiter=decode_slots)
 
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:
@@ -72,9 +78,9 @@ async def download(url: str, settings: ServeSettings) -> bytes:
     return b"".join(chunks)
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int, shrink_to: int | None = None) -> Image.Image:
     try:
-        return load_image(data, max_pixels=max_pixels)
+        return load_image(data, max_pixels=max_pixels, shrink_to=shrink_to)
     except BadSample as e:
         if e.reason == "too_large":
             raise APIError(400, f"the image has too many pixels ({e.detail})", param=PARAM,

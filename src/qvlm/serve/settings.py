@@ -26,6 +26,7 @@ class ServeSettings:
     max_messages: int = 64
     max_tokens_limit: int = 256  # the largest max_tokens a request may ask for
     default_max_tokens: int = 32
+    decode_slots: int = 2  # images decoded at once; each may briefly hold max_pixels × 4 bytes
     batch_size: int = 8  # non-streamed requests with equal settings answered in one model call
     max_queue: int = 256  # waiting requests beyond this get 429
 
@@ -36,8 +37,12 @@ class ServeSettings:
                 f"refusing to listen on {self.host!r} without an API key: anyone who can reach this "
                 "address could use the model (and, with --allow-remote-images, make the server fetch "
                 "URLs). Pass --api-key KEY (or set QVLM_API_KEY), or --insecure if the network is trusted.")
+        if self.api_key is not None and (not self.api_key.strip() or self.api_key != self.api_key.strip()):
+            raise ServeError("the API key is blank or starts/ends with whitespace, which no client can send "
+                             "back (headers are trimmed): choose a key without surrounding spaces")
         for name in ("max_body_bytes", "max_image_bytes", "max_pixels", "max_images", "max_prompt_chars",
-                     "max_tokens_limit", "default_max_tokens", "batch_size", "max_queue", "max_messages"):
+                     "max_tokens_limit", "default_max_tokens", "decode_slots", "batch_size", "max_queue",
+                     "max_messages"):
             if getattr(self, name) < 1:
                 raise ServeError(f"--{name.replace('_', '-')} must be at least 1")
         if self.default_max_tokens > self.max_tokens_limit:

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -23,6 +23,7 @@ from qvlm.serve.chat import GenSettings
 from qvlm.serve.errors import APIError
 
 log = logging.getLogger("qvlm.serve")
+GONE_POLL_S = 0.25  # how often a waiting request checks that its client is still connected
 
 
 @dataclass
@@ -80,8 +81,18 @@ class ModelWorker:
         self._queue.put(job)
         return job.future
 
-    async def run(self, job: Job) -> Result:
-        return await asyncio.wrap_future(self.submit(job))
+    async def run(self, job: Job, gone: Callable[[], Awaitable[bool]] | None = None) -> Result | None:
+        """Queue `job` and wait for its result; None when `gone()` says the client left meanwhile (the job
+        is then cancelled, so a queue of abandoned requests costs no model time)."""
+        future = asyncio.wrap_future(self.submit(job))
+        while gone is not None:
+            done, _ = await asyncio.wait({future}, timeout=GONE_POLL_S)
+            if done:
+                break
+            if await gone():
+                job.cancelled.set()
+                return None
+        return await future
 
     # -- the worker thread ---------------------------------------------------------------------------
 
@@ -90,6 +101,8 @@ class ModelWorker:
             first = self._held.popleft() if self._held else self._queue.get()
             if first is _STOP:
                 return
+            if _drop_if_cancelled(first):
+                continue
             batch = [first] if first.on_piece else self._collect(first)
             try:
                 self._stream(first) if first.on_piece else self._answer(batch)
@@ -113,12 +126,14 @@ class ModelWorker:
             if job is _STOP:
                 others.append(job)
                 break
+            if _drop_if_cancelled(job):
+                continue
             (batch if job.on_piece is None and job.gen == first.gen else others).append(job)
         self._held.extendleft(reversed(others))
         return batch
 
     def _answer(self, batch: list[Job]) -> None:
-        live = [j for j in batch if not j.cancelled.is_set()]
+        live = [j for j in batch if not _drop_if_cancelled(j)]
         if not live:
             return
         texts = self.model.answer([j.image for j in live], [j.text for j in live], **live[0].gen.kwargs())
@@ -126,8 +141,6 @@ class ModelWorker:
             job.future.set_result(self._result(job, text))
 
     def _stream(self, job: Job) -> None:
-        if job.cancelled.is_set():
-            return
         pieces = []
         for piece in self.model.stream(job.image, job.text, **job.gen.kwargs()):
             pieces.append(piece)
@@ -150,3 +163,11 @@ class ModelWorker:
         completion_tokens = min(completion_tokens, job.gen.max_new_tokens)
         finish = "length" if completion_tokens >= job.gen.max_new_tokens else "stop"
         return Result(text, prompt_tokens, completion_tokens, finish)
+
+
+def _drop_if_cancelled(job: Job) -> bool:
+    """True (and the job's future cancelled) when its client has gone away."""
+    if job.cancelled.is_set():
+        job.future.cancel()
+        return True
+    return False

@@ -106,6 +106,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward (first steps pay the compile; docs/training.md)
     feature_cache: str | None = None  # folder for cached patch features; None: under the run folder
     max_bad_fraction: float = 0.05  # stop if more than this share of samples cannot be decoded
+    # Keep the model with the best value of this validation metric in RUN/best (needs --val): "val_loss"
+    # (lower is better, as any *loss), "val_r1" (stage 1), "val_vqa_accuracy", "val_caption_cider". None: off.
+    keep_best: str | None = None
 
 
 @dataclass

@@ -3,7 +3,8 @@
 The prompt is the user turn rendered with the LM's own chat template. The image slot is `num_queries`
 placeholder positions whose embeddings the model replaces with the adapter outputs (`image_mask`).
 Labels are -100 everywhere except on the answer tokens and the EOS that ends them: the EOS target is kept
-even when the tokenizer's pad token *is* EOS (SmolLM2), otherwise the model never learns to stop.
+even when the tokenizer's pad token *is* EOS (SmolLM2), otherwise the model never learns to stop. An
+answer cut at `max_answer_tokens` gets no EOS: stopping there would teach the model to stop mid-sentence.
 """
 
 from __future__ import annotations
@@ -84,7 +85,10 @@ def build_stage2_batch(tokenizer, user_texts: list[str], answers: list[str] | No
         labels = [IGNORE] * len(ids)
         if answers is not None:
             answer_ids = tokenizer(answers[i].strip(), add_special_tokens=False).input_ids
-            answer_ids = answer_ids[:max_answer_tokens] + [tokenizer.eos_token_id]
+            if max_answer_tokens is None or len(answer_ids) <= max_answer_tokens:
+                answer_ids = answer_ids + [tokenizer.eos_token_id]
+            else:
+                answer_ids = answer_ids[:max_answer_tokens]  # cut: no EOS
             ids, labels = ids + answer_ids, labels + answer_ids  # EOS labelled even when EOS == PAD
             is_image = is_image + [False] * len(answer_ids)
         rows.append((ids, is_image, labels))
@@ -104,3 +108,9 @@ def build_stage2_batch(tokenizer, user_texts: list[str], answers: list[str] | No
     if answers is not None:
         out["labels"] = torch.tensor(batch["labels"], dtype=torch.long)
     return out
+
+
+def truncated_answers(labels: torch.Tensor, eos_id: int) -> int:
+    """How many rows of a training batch hold an answer cut at `max_answer_tokens`: labels [B, L] are
+    left-padded, so each row's last position is its EOS unless the answer was cut."""
+    return int((labels[:, -1] != eos_id).sum())

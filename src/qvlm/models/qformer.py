@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from qvlm import hub
-from qvlm.config import QFormerConfig
+from qvlm.config import ConfigError, QFormerConfig
 from qvlm.models.tiny import random_model, tiny_text_tokenizer
 
 MODES = ("unimodal", "bidirectional", "causal")
@@ -164,6 +164,9 @@ class QFormer(nn.Module):
         self.itm_head = nn.Linear(d, 2)
         self.itg_transform = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d, eps=spec.eps))
         self.itg_bias = nn.Parameter(torch.zeros(spec.vocab))
+        if not cfg.learn_temperature and not 0.001 <= cfg.temperature <= 0.5:
+            raise ConfigError(f"qformer.temperature={cfg.temperature} is outside BLIP-2's range [0.001, 0.5]; "
+                              "choose a value in it, or set qformer.learn_temperature=true to start there")
         init_temp = math.log(1.0 / cfg.temperature)
         self.log_inv_temp = nn.Parameter(torch.tensor(init_temp), requires_grad=cfg.learn_temperature)
         self._init_new_weights()
@@ -281,8 +284,9 @@ class QFormer(nn.Module):
 
     @property
     def inv_temperature(self) -> torch.Tensor:
-        # BLIP-2 clamps the learnable temperature to [0.001, 0.5].
-        return self.log_inv_temp.exp().clamp(2.0, 1000.0)
+        # BLIP-2 clamps the learnable temperature to [0.001, 0.5]; a fixed one is checked at construction.
+        inv = self.log_inv_temp.exp()
+        return inv.clamp(2.0, 1000.0) if self.cfg.learn_temperature else inv
 
     # -- the three stage-1 objectives --------------------------------------------------------------
 

@@ -9,13 +9,20 @@ from torch import nn
 
 from qvlm.config import QVLMConfig
 
-NO_DECAY_HINTS = ("bias", "norm", "query_tokens", "embedding", "log_inv_temp")
+# Tensors of 2 or more dimensions that are not matmul weights: the learned query tokens [1, Nq, D]
+# and embedding tables [V, D]. (The temperature is 0-D; named so that no reshaping can make it decay.)
+NO_DECAY_NAMES = ("query_tokens", "embedding", "log_inv_temp")
+
+
+def decays(name: str, param: nn.Parameter) -> bool:
+    """Weight decay by rank: matrices (≥ 2-D) decay; biases, norm scales and shifts (1-D) and the
+    named exceptions do not. Names alone miss modules such as `itg_transform.2` (a LayerNorm)."""
+    return param.ndim >= 2 and not any(n in name for n in NO_DECAY_NAMES)
 
 
 def _split_decay(named: list[tuple[str, nn.Parameter]]) -> tuple[list, list]:
-    """No weight decay on biases, norms, the query embeddings and embeddings tables."""
-    decay = [p for n, p in named if not any(h in n for h in NO_DECAY_HINTS)]
-    no_decay = [p for n, p in named if any(h in n for h in NO_DECAY_HINTS)]
+    decay = [p for n, p in named if decays(n, p)]
+    no_decay = [p for n, p in named if not decays(n, p)]
     return decay, no_decay
 
 

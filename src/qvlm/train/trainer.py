@@ -22,7 +22,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from qvlm.config import QVLMConfig
@@ -31,10 +31,12 @@ from qvlm.data.collate import LengthGroupedBatchSampler, Stage1Collator, Stage2C
 from qvlm.data.datasets import CaptionDataset, InstructionDataset
 from qvlm.data.images import SkipCounter
 from qvlm.data.records import read_records
+from qvlm.data.sequences import truncated_answers
 from qvlm.errors import QVLMError
-from qvlm.eval.metrics import exact_match
+from qvlm.eval.metrics import caption_scores, exact_match
 from qvlm.models.vlm import QVLM, WEIGHTS_FILE, model_folder
 from qvlm.train import precision
+from qvlm.train.best import BestModel, keep_best
 from qvlm.train.checkpoint import Position, drop_metrics_after, resume_latest, save_checkpoint
 from qvlm.train.optim import make_optimizer, stage1_param_groups, stage2_param_groups, warmup_cosine
 from qvlm.utils import cache_home
@@ -199,6 +201,7 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
     accelerator = Accelerator(mixed_precision="no" if mixed_precision == "fp32" else mixed_precision,
                               cpu=_multi_cpu(), dynamo_backend="inductor" if config.train.compile else "no",
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    best = keep_best(config.train.keep_best, out, stage, val is not None, resume)  # checked before any work
     _prepare_run_folder(out, config, stage, resume, accelerator)
     accelerator.print(precision.explain(s.mixed_precision, device, f"stage{stage}.mixed_precision"))
     set_seed(config.train.seed)
@@ -229,7 +232,7 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
     # Optimizer and schedule
     groups = stage1_param_groups(model, config) if stage == 1 else stage2_param_groups(model, config)
     optimizer = make_optimizer(groups)
-    steps_per_epoch = max(1, len(sampler) // s.grad_accum)
+    steps_per_epoch = -(-len(sampler) // s.grad_accum)  # the epoch's last step takes the remainder
     total_steps = s.max_steps or steps_per_epoch * s.epochs
     scheduler = warmup_cosine(optimizer, s.warmup_steps, total_steps)
     wrapped, optimizer = accelerator.prepare(objective, optimizer)
@@ -248,6 +251,7 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
     bar = tqdm(total=total_steps, initial=position.step, disable=not accelerator.is_main_process,
                desc=f"stage {stage}", dynamic_ncols=True)
     samples, padded, positions, tick = 0, 0, 0, time.perf_counter()
+    cut, answers = 0, 0  # stage 2: answers cut at max_answer_tokens, of all answers trained on
     last_good = last
     while position.step < total_steps and position.epoch < s.epochs:
         sampler.set_epoch(position.epoch)
@@ -261,7 +265,8 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
                 continue  # every item of the batch failed to load (counted by the dataset)
             with precision.attention_kernels(accelerator.device, mixed_precision, stage):
                 out_losses = _step_loss(wrapped, batch, stage, accelerator.device)
-            loss = out_losses["loss"] / s.grad_accum
+            step_size, ends_step = _accumulation(position.batch_in_epoch, len(sampler), s.grad_accum)
+            loss = out_losses["loss"] / step_size
             if not torch.isfinite(loss):
                 raise QVLMError(f"loss became {loss.item()} at step {position.step}; stopped. Last good "
                                 f"checkpoint: {last_good or 'none'}. Lower the learning rate or check the data.")
@@ -270,7 +275,9 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
             if stage == 2:
                 padded += int((batch["attention_mask"] == 0).sum())
                 positions += batch["attention_mask"].numel()
-            if position.batch_in_epoch % s.grad_accum:
+                cut += truncated_answers(batch["labels"], model.tokenizer.eos_token_id)
+                answers += len(batch["labels"])
+            if not ends_step:
                 continue
             grad_norm = None
             if s.grad_clip:
@@ -296,8 +303,8 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
                                 sps=f"{record['samples_per_s']:.1f}")
                 samples, padded, positions, tick = 0, 0, 0, time.perf_counter()
             if val_set is not None and position.step % config.train.eval_every == 0:
-                log.write({"stage": f"stage{stage}", "step": position.step,
-                           **validate(wrapped, model, val_set, collate, stage, s.batch_size, accelerator)})
+                _validation(log, best, wrapped, model, val_set, collate, stage, s.batch_size, accelerator,
+                            position.step)
                 model.train()
             if position.step % config.train.save_every == 0 and position.step < total_steps:
                 last_good = _save(accelerator, checkpoints, model, optimizer, scheduler, position)
@@ -309,14 +316,26 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
         break
     bar.close()
     if val_set is not None and position.step % config.train.eval_every:
-        log.write({"stage": f"stage{stage}", "step": position.step,
-                   **validate(wrapped, model, val_set, collate, stage, s.batch_size, accelerator)})
+        _validation(log, best, wrapped, model, val_set, collate, stage, s.batch_size, accelerator, position.step)
+    if stage == 2:
+        _report_truncation(log, accelerator, cut, answers, s.max_answer_tokens, position.step)
     _save(accelerator, checkpoints, model, optimizer, scheduler, position)
     if accelerator.is_main_process:
         model.save_pretrained(out / "model")
     log.close()
     accelerator.wait_for_everyone()
     return out / "model"
+
+
+def _accumulation(batch_in_epoch: int, batches: int, grad_accum: int) -> tuple[int, bool]:
+    """How many micro-batches make the optimizer step that micro-batch `batch_in_epoch` (1-based) of
+    `batches` belongs to, and whether it is that step's last one. Steps never span epochs: the epoch's
+    last `batches % grad_accum` micro-batches make one smaller step, their losses averaged over that
+    many, so every step is the mean gradient of the micro-batches in it."""
+    remainder = batches % grad_accum
+    in_remainder = remainder and batch_in_epoch > batches - remainder
+    return (remainder if in_remainder else grad_accum), (batch_in_epoch % grad_accum == 0
+                                                          or batch_in_epoch == batches)
 
 
 def _step_loss(wrapped, batch: dict, stage: int, device) -> dict:
@@ -328,10 +347,33 @@ def _step_loss(wrapped, batch: dict, stage: int, device) -> dict:
     return {"loss": out.loss}
 
 
+def _validation(log: MetricsLog, best: BestModel | None, wrapped, model: QVLM, val_set, collate, stage: int,
+                batch_size: int, accelerator, step: int) -> dict:
+    """Validate, log the metrics and keep the best model so far in RUN/best (`train.keep_best`)."""
+    metrics = validate(wrapped, model, val_set, collate, stage, batch_size, accelerator)
+    log.write({"stage": f"stage{stage}", "step": step, **metrics})
+    if best is not None and accelerator.is_main_process and best.update(model, metrics, step):
+        accelerator.print(f"step {step}: best {best.metric} so far ({metrics[best.metric]}), saved to {best.folder}")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _report_truncation(log: MetricsLog, accelerator, cut: int, answers: int, cap: int | None, step: int) -> None:
+    """Say how many answers were cut at stage2.max_answer_tokens (trained without their EOS)."""
+    counts = accelerator.reduce(torch.tensor([cut, answers], device=accelerator.device), "sum")
+    cut, answers = (int(x) for x in counts)
+    log.write({"stage": "stage2", "step": step, "truncated_answers": cut, "answers": answers})
+    if cut:
+        accelerator.print(f"{cut} of {answers} answers trained on ({cut / answers:.1%}) were cut at "
+                          f"stage2.max_answer_tokens={cap} and trained without EOS; raise it to keep them whole")
+
+
 @torch.no_grad()
 def validate(wrapped, model: QVLM, val_set, collate, stage: int, batch_size: int, accelerator,
-             max_batches: int = 20) -> dict:
-    """Validation loss, plus retrieval R@1 within batches (stage 1) or answer accuracy (stage 2)."""
+             max_batches: int = 20, generate_batches: int = 4) -> dict:
+    """Validation loss on up to `max_batches` batches, plus retrieval R@1 within batches (stage 1) or
+    scores of greedy generations on `generate_batches` batches (stage 2): `val_vqa_accuracy` (exact
+    match) on VQA samples, `val_caption_cider` and `val_caption_bleu4` on captions."""
     model.eval()
     loader = DataLoader(val_set, batch_size=batch_size, collate_fn=collate, shuffle=False)
     losses, hits, total = [], 0.0, 0
@@ -340,17 +382,57 @@ def validate(wrapped, model: QVLM, val_set, collate, stage: int, batch_size: int
             break
         out = _step_loss(wrapped, batch, stage, accelerator.device)
         losses.append(out["loss"].item())
-        n = len(batch["features"])
         if stage == 1:
-            hits += out["r1"].item() * n
-        elif i < 4:  # generation is slow: accuracy on the first few batches only
-            preds = model.generate_from_features(batch["features"].to(accelerator.device), batch["prompts"],
-                                                 max_new_tokens=model.config.stage2.max_answer_tokens)
-            hits += sum(exact_match(p, a) for p, a in zip(preds, batch["answers"], strict=True))
-        total += n if (stage == 1 or i < 4) else 0
+            hits += out["r1"].item() * len(batch["features"])
+            total += len(batch["features"])
     result = {"val_loss": round(sum(losses) / max(1, len(losses)), 5)}
-    result["val_r1" if stage == 1 else "val_accuracy"] = round(hits / max(1, total), 4)
+    if stage == 1:
+        result["val_r1"] = round(hits / max(1, total), 4)
+    else:
+        result.update(_generation_scores(model, val_set, collate, batch_size, accelerator.device, generate_batches))
     return result
+
+
+def _generation_scores(model: QVLM, val_set: InstructionDataset, collate, batch_size: int, device,
+                       batches: int) -> dict:
+    """Generate for the first VQA samples and for one caption prompt per image of the first images,
+    `batches` batches in all, shared by the kinds present (generation is validation's slow part).
+    Exact match on a caption reads ~0 however good it is: captions are scored against all of their
+    image's captions instead."""
+    vqa = [i for i, e in enumerate(val_set.entries) if e.is_question]
+    references: dict[str, list[str]] = {}
+    one_per_image = []
+    for i, e in enumerate(val_set.entries):
+        if not e.is_question:
+            if e.image_key not in references:
+                one_per_image.append(i)
+            references.setdefault(e.image_key, []).append(e.answer)
+    per_kind = max(1, batches // max(1, bool(vqa) + bool(one_per_image))) * batch_size
+    result = {}
+    if vqa:
+        preds, items = _generate(model, Subset(val_set, vqa[:per_kind]), collate, batch_size, device)
+        hits = sum(exact_match(p, a) for p, a in zip(preds, items["answers"], strict=True))
+        result["val_vqa_accuracy"] = round(hits / max(1, len(preds)), 4)
+    if one_per_image:
+        preds, items = _generate(model, Subset(val_set, one_per_image[:per_kind]), collate, batch_size, device)
+        keys = items["image_keys"]
+        scores = caption_scores(dict(zip(keys, preds, strict=True)), {k: references[k] for k in keys})
+        result["val_caption_cider"] = round(scores["cider"], 4)
+        result["val_caption_bleu4"] = round(scores["bleu4"], 4)
+    return result
+
+
+def _generate(model: QVLM, samples, collate, batch_size: int, device) -> tuple[list[str], dict]:
+    """Greedy answers for `samples`, with the samples' target answers and image keys (lists)."""
+    preds, items = [], {"answers": [], "image_keys": []}
+    for batch in DataLoader(samples, batch_size=batch_size, collate_fn=collate, shuffle=False):
+        if not batch:
+            continue
+        preds += model.generate_from_features(batch["features"].to(device), batch["prompts"],
+                                              max_new_tokens=model.config.stage2.max_answer_tokens)
+        for key in items:
+            items[key] += batch[key]
+    return preds, items
 
 
 def _save(accelerator, folder: Path, model, optimizer, scheduler, position: Position) -> Path | None:

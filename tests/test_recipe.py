@@ -164,6 +164,20 @@ def test_stage2_generation_scores_vqa_by_accuracy_and_captions_by_caption_metric
     assert scores[True]["val_caption_cider"] > 1.0 and scores[False]["val_caption_cider"] == 0.0
 
 
+def test_without_caption_metrics_captions_are_validated_by_loss_only(shapes, tmp_path, tiny_config, monkeypatch):
+    """pycocoevalcap is an extra (qvlm[eval]): training must not need it."""
+    monkeypatch.setattr(trainer, "has_caption_metrics", lambda: False)
+    model = QVLM.build(tiny_config, stage=2)
+    cache = FeatureCache(tmp_path / "features", model.vision)
+    records = list(read_records(str(shapes[1])))
+    cache.build(records, progress=False)
+    echo = _Echo(tiny_config, perfect=True)
+    collate = Stage2Collator(model.tokenizer, tiny_config.qformer.num_queries, max_answer_tokens=16)
+    scores = trainer._generation_scores(echo, InstructionDataset(records, cache=cache), echo.collate(collate),
+                                        batch_size=4, device="cpu", batches=4)
+    assert scores == {"val_vqa_accuracy": 1.0}
+
+
 @pytest.fixture(scope="module")
 def stage2_run(shapes, tmp_path_factory):
     """20 steps of stage 2 from scratch, validated every 5, answers capped at 4 tokens, best by val_loss."""

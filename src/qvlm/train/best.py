@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -23,6 +24,9 @@ def keep_best(metric: str | None, out: Path, stage: int, has_val: bool, resume: 
                         f"{', '.join(VAL_METRICS[stage])}")
     if not has_val:
         raise QVLMError(f"train.keep_best={metric!r} needs validation data: pass --val")
+    if metric.startswith("val_caption") and importlib.util.find_spec("pycocoevalcap") is None:
+        raise QVLMError(f"train.keep_best={metric!r} needs pycocoevalcap to score captions: "
+                        "pip install 'qvlm[eval]' (or pip install pycocoevalcap)")
     return BestModel(metric, out / "best", resume)
 
 

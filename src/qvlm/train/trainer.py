@@ -11,6 +11,7 @@ makes N processes see every sample once per epoch.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -413,13 +414,18 @@ def _generation_scores(model: QVLM, val_set: InstructionDataset, collate, batch_
         preds, items = _generate(model, Subset(val_set, vqa[:per_kind]), collate, batch_size, device)
         hits = sum(exact_match(p, a) for p, a in zip(preds, items["answers"], strict=True))
         result["val_vqa_accuracy"] = round(hits / max(1, len(preds)), 4)
-    if one_per_image:
+    if one_per_image and has_caption_metrics():
         preds, items = _generate(model, Subset(val_set, one_per_image[:per_kind]), collate, batch_size, device)
         keys = items["image_keys"]
         scores = caption_scores(dict(zip(keys, preds, strict=True)), {k: references[k] for k in keys})
         result["val_caption_cider"] = round(scores["cider"], 4)
         result["val_caption_bleu4"] = round(scores["bleu4"], 4)
     return result
+
+
+def has_caption_metrics() -> bool:
+    """pycocoevalcap (the `qvlm[eval]` extra) scores captions; without it captions get their loss only."""
+    return importlib.util.find_spec("pycocoevalcap") is not None
 
 
 def _generate(model: QVLM, samples, collate, batch_size: int, device) -> tuple[list[str], dict]:

@@ -1,31 +1,40 @@
 #!/usr/bin/env bash
-# The GPU speed check of issue 9, at the `paper` sizes, in well under 8 minutes on one GPU.
+# The GPU check, in one go under a hard time limit: bench at the `paper` sizes in bf16 (fast recipe vs
+# the article's), torch.compile on vs off, counted TFLOP/s, MFU, fraction of the measured matmul peak,
+# peak memory, the projected reference recipe, then a real 200-step stage-1 + stage-2 run on synthetic
+# data, then each fast path turned off alone. bench/gpu_check.py does the work; its docstring says more.
 #
-#   bash bench/gpu.sh [OUT_DIR]      (needs torch with CUDA and `pip install -e .` done)
+#   bash bench/gpu.sh [OUT_DIR]      (default: $OUT where set, else ./bench-gpu)
 #
-# Measures, side by side in one process: feature extraction, stage-1 and stage-2 training (qvlm's fast
-# recipe vs the article's baseline recipe, and each fast path turned off alone), generation latency and
-# tokens/s, counted TFLOP/s and model FLOPs utilisation, peak GPU memory, the projected wall time
-# of the reference recipe (extraction + 10 + 5 epochs on 50k pairs), and the gain from torch.compile.
-# Writes JSON and prints the tables.
-# Random weights at the real sizes; only SmolLM2's tokenizer is read from the offline bundle, so run
-# `qvlm fetch` once first (or copy $QVLM_CACHE/bundle from a machine that has it, on a GPU box without
-# internet). Record the printed card name with the numbers in docs/BENCHMARKS.md.
+# Writes OUT_DIR/gpu.json, gpu.md (the table) and gpu.log, rewritten after each part, so a run stopped
+# by the limit keeps what it measured. Environment:
+#   QVLM_GPU_LIMIT_S  hard limit for the whole check, seconds (default 480)
+#   QVLM_TOKENIZER    folder with SmolLM2's tokenizer files; default bench/.tokenizer where present,
+#                     else the offline bundle's (`qvlm fetch`). On a GPU box without internet, prepare it
+#                     here first and carry bench/.tokenizer along (git ignores it):
+#                       mkdir -p bench/.tokenizer && cp ~/.cache/qvlm/bundle/smollm2-135m-instruct/{tokenizer.json,tokenizer_config.json,chat_template.jinja} bench/.tokenizer/
+#   PYTHON            interpreter holding torch with CUDA (default python3)
+# Installing: nothing is downloaded. The interpreter must already hold torch with CUDA, transformers,
+# peft, accelerate, safetensors, tensorboard and pyyaml (a CUDA image with PyTorch usually does; else
+# `pip install -e .`); qvlm itself is run from this checkout's src/. Record the card name printed
+# first with the numbers in docs/BENCHMARKS.md.
 set -euo pipefail
-out="${1:-bench-gpu}"
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-bench-gpu}}"
+limit="${QVLM_GPU_LIMIT_S:-480}"
+python="${PYTHON:-python3}"
+tokenizer="${QVLM_TOKENIZER:-}"
+if [[ -z "$tokenizer" ]]; then
+    if [[ -f bench/.tokenizer/tokenizer.json ]]; then tokenizer=bench/.tokenizer; else tokenizer=bundle:smollm2-135m-instruct; fi
+fi
 mkdir -p "$out"
-python - <<'PY'
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+"$python" - <<'PY'
 import torch
 assert torch.cuda.is_available(), "no CUDA device: this script measures the GPU path"
 print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+import accelerate, peft, transformers  # noqa: E401,F401  (fail here, before the timed work, if missing)
 PY
-export PYTHONUNBUFFERED=1
-# paper sizes: fast vs baseline, plus what each fast path is worth
-qvlm bench --preset paper --device cuda --compare-baseline --ablate --steps 10 --warmup 3 \
-    --json-out "$out/paper.json" | tee "$out/paper.txt"
-# the same with torch.compile (train.compile=true), its compile time printed apart
-qvlm bench --preset paper --device cuda --compile --steps 10 --warmup 3 \
-    --json-out "$out/paper-compile.json" | tee "$out/paper-compile.txt"
-# larger fast batches, to find where throughput stops growing (the fast mode reports its batch)
-qvlm bench --preset paper --device cuda --stage1-batch 512 --stage2-batch 128 --steps 10 --warmup 3 \
-    --json-out "$out/paper-large-batch.json" | tee "$out/paper-large-batch.txt"
+# SIGINT first (Python unwinds, the parts done are already on disk), SIGKILL 20 s later if it hangs.
+timeout --signal=INT --kill-after=20 "$limit" "$python" bench/gpu_check.py --out "$out" --preset paper \
+    --device cuda --tokenizer "$tokenizer" 2>&1 | tee "$out/gpu.log"

@@ -5,8 +5,10 @@ length. Each figure is samples (or images, tokens) per second over a few timed s
 
 A `Recipe` says how a training step runs. `fast` is how qvlm trains: patch features from the feature
 cache (the encoder ran once, before training; its cost is the separate `extract` figure), large batches,
-bf16 where the hardware has bf16 units (GPUs, AMX CPUs) with the frozen LM stored in bf16 and, in stage 2
+each stage in its `stageN.mixed_precision` as `qvlm train` resolves it (`auto`: bf16 on GPUs, and on CPUs
+where the probe of train/precision.py measured it faster), with the frozen LM stored in bf16 and, in stage 2
 on CPU, the plain-matmul attention kernel, the vocabulary projection only where targets are, fused AdamW.
+Counted FLOP/s are also given as a fraction of this machine's own measured matmul peak in the same dtype.
 The baseline is how the article's code trains: the fp32 vision encoder per sample inside the loop (its
 `Dataset.__getitem__`), batch 8, bf16 autocast in stage 2 only, logits everywhere, default kernels, no
 cache. Both use the same model sizes, prompts and answers, so `speedup` is a like-for-like ratio.
@@ -16,7 +18,6 @@ cache. Both use the same model sizes, prompts and answers, so `speedup` is a lik
 
 from __future__ import annotations
 
-import platform
 import random
 import resource
 import time
@@ -28,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from qvlm.config import QVLMConfig
+from qvlm.config import ConfigError, QVLMConfig, get_preset
 from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
 from qvlm.data.sequences import build_stage2_batch
 from qvlm.models.vlm import QVLM
@@ -120,15 +121,25 @@ class Bench:
         self.compile = compile
         self.model = QVLM.build(config, stage=2, device="cpu").to(device)
         self.size = self.model.vision.image_size
-        self.has_bf16 = precision.resolve("auto", device) == "bf16"
+        self.precision = {stage: _stage_precision(config, stage, device) for stage in (1, 2)}
         self.fast_batches = fast_batches
         self.peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items()
                                 if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+        self._matmul_peaks: dict[torch.dtype, float] = {}
 
     def fast(self, stage: int) -> Recipe:
-        """What `qvlm train` does on this device (train/precision.py)."""
-        return Recipe(bf16=self.has_bf16, frozen_bf16=self.has_bf16, math_attention=self.has_bf16 and stage == 2,
-                      compile=self.compile)
+        """What `qvlm train` does on this device in the stage's `mixed_precision` (train/precision.py)."""
+        bf16 = self.precision[stage] == "bf16"
+        return Recipe(bf16=bf16, frozen_bf16=bf16, math_attention=bf16 and stage == 2, compile=self.compile)
+
+    def matmul_peak(self, dtype: torch.dtype) -> float:
+        """This machine's measured matmul FLOP/s in `dtype` (one large square product), measured once."""
+        if dtype not in self._matmul_peaks:
+            n = 8192 if self.device.type == "cuda" else 1536  # large enough to saturate; seconds, not minutes
+            a, b = (torch.randn(n, n, device=self.device, dtype=dtype) for _ in range(2))
+            seconds = _timed(lambda: a @ b, max(1, self.warmup), max(3, self.steps), self.device)
+            self._matmul_peaks[dtype] = 2 * n**3 / seconds
+        return self._matmul_peaks[dtype]
 
     def extract(self, batch: int) -> dict:
         """Feature extraction, images/s: in `vision.precision` (what building the cache costs) and, where
@@ -176,8 +187,9 @@ class Bench:
         flops = _counted_flops(lambda: step(module))
         first_step = _timed(step, 0, 1, self.device)
         seconds = _timed(step, max(0, self.warmup - 1), self.steps, self.device)
+        peak = self.matmul_peak(torch.bfloat16 if recipe.bf16 else torch.float32)
         result = {"batch": batch, "samples_per_s": batch / seconds, "tflops": flops / seconds / 1e12,
-                  "first_step_s": first_step, "recipe": asdict(recipe)}
+                  "peak_fraction": flops / seconds / peak, "first_step_s": first_step, "recipe": asdict(recipe)}
         if self.peak_flops:
             result["mfu"] = flops / seconds / self.peak_flops
         return result
@@ -236,6 +248,29 @@ class Bench:
                 "tokens_per_s": batch * new_tokens / seconds}
 
 
+def bench_config(preset: str, overrides: list[str] = (), tokenizer: str = "bundle:smollm2-135m-instruct"
+                 ) -> QVLMConfig:
+    """The preset at its real sizes with random weights (no download), then `overrides`.
+
+    Only the LM's tokenizer is real (the bundle's SmolLM2, SmolLM's vocabulary, or a folder holding its
+    files): it keeps stage-2 sequence lengths real, which set its speed. `tiny` is used as it is.
+    """
+    from qvlm.cli.info import with_known_architectures
+
+    config = get_preset(preset)
+    if preset != "tiny":
+        config = with_known_architectures(config).override([f"lm.tokenizer={tokenizer}"])
+    return config.override(list(overrides))
+
+
+def _stage_precision(config: QVLMConfig, stage: int, device: torch.device) -> str:
+    setting = f"stage{stage}.mixed_precision"
+    choice = precision.resolve(getattr(config, f"stage{stage}").mixed_precision, device, setting)
+    if choice == "fp16":
+        raise ConfigError(f"qvlm bench times fp32 and bf16 recipes; set {setting} to fp32, bf16 or auto")
+    return choice
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
@@ -258,9 +293,10 @@ def run_bench(config: QVLMConfig, device: torch.device, compare_baseline: bool, 
                   fast_batches=(stage1_batch or (256 if gpu else 64), stage2_batch or (64 if gpu else 16)),
                   compile=compile)
     result = {
-        "preset": config.preset, "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(), "image_size": bench.size,
-        "num_queries": config.qformer.num_queries, "bf16": bench.has_bf16,
+        "preset": config.preset, "device": torch.cuda.get_device_name() if gpu else precision.cpu_model_name(),
+        "threads": torch.get_num_threads(), "image_size": bench.size, "num_queries": config.qformer.num_queries,
+        "precision": {f"stage{n}": precision.explain(getattr(config, f"stage{n}").mixed_precision, device,
+                                                     f"stage{n}.mixed_precision") for n in (1, 2)},
         "extract": bench.extract(128 if gpu else 32),
         "stage1": {"fast": bench.stage1(bench.fast(1))},
         "stage2": {"fast": bench.stage2(bench.fast(2))},
@@ -280,6 +316,8 @@ def run_bench(config: QVLMConfig, device: torch.device, compare_baseline: bool, 
     if ablate:
         for stage in (1, 2):
             result[f"stage{stage}"]["ablation"] = bench.ablation(stage)
+    result["matmul_peak_tflops"] = {str(dtype).removeprefix("torch."): flops / 1e12
+                                    for dtype, flops in bench._matmul_peaks.items()}
     result["peak_memory_gib"] = peak_memory_gib(device)
     return result
 
@@ -299,6 +337,7 @@ def format_table(result: dict) -> str:
     rows.append(("generate 16 x 16 (tokens/s)", g["batched"]["tokens_per_s"], None, None))
     lines = [f"qvlm bench: preset {result['preset']}, {result['device']}, {result['threads']} threads, "
              f"{result['image_size']} px, {result['num_queries']} queries",
+             *(f"stage {n} {line}" for n, line in enumerate(result["precision"].values(), 1)),
              f"{'':<42}{'qvlm':>12}{'baseline':>12}{'speedup':>10}"]
     for name, ours, base, speedup in rows:
         lines.append(f"{name:<42}{ours:>12.2f}{'' if base is None else f'{base:12.2f}':>12}"
@@ -310,7 +349,10 @@ def format_table(result: dict) -> str:
         fast = result[stage]["fast"]
         mfu = f", MFU {fast['mfu']:.1%}" if "mfu" in fast else ""
         compiled = f", first step {fast['first_step_s']:.0f} s (compiling)" if fast["recipe"]["compile"] else ""
-        lines.append(f"{stage} fast: {fast['tflops']:.2f} TFLOP/s counted{mfu}{compiled}")
+        dtype = "bfloat16" if fast["recipe"]["bf16"] else "float32"
+        lines.append(f"{stage} fast: {fast['tflops']:.2f} TFLOP/s counted, {fast['peak_fraction']:.1%} of the "
+                     f"measured {dtype} matmul peak ({result['matmul_peak_tflops'][dtype]:.2f} TFLOP/s)"
+                     f"{mfu}{compiled}")
         if "ablation" in result[stage]:
             lines.append(f"  {stage} fast paths, each turned off alone (samples/s; fast is x times that):")
             for label, r in result[stage]["ablation"].items():

@@ -25,7 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--stage1-batch", type=int, help="fast-mode stage-1 batch (default 64 CPU / 256 CUDA)")
     p.add_argument("--stage2-batch", type=int, help="fast-mode stage-2 batch (default 16 CPU / 64 CUDA)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, as for `qvlm train`; the fast mode trains each stage in its "
+                        "stageN.mixed_precision (auto | fp32 | bf16), e.g. --set stage2.mixed_precision=fp32")
     p.add_argument("--json-out", type=Path, help="write all figures as JSON")
     p.set_defaults(func=run)
 
@@ -33,16 +35,9 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    from qvlm.bench import format_table, run_bench
-    from qvlm.cli.info import with_known_architectures
-    from qvlm.config import get_preset
+    from qvlm.bench import bench_config, format_table, run_bench
 
-    config = get_preset(args.preset)
-    if args.preset != "tiny":
-        # Real sizes with random weights; SmolLM2's tokenizer (the bundle's, SmolLM's vocabulary) keeps
-        # stage-2 sequence lengths real, which set its speed.
-        config = with_known_architectures(config).override(["lm.tokenizer=bundle:smollm2-135m-instruct"])
-    config = config.override(args.overrides)
+    config = bench_config(args.preset, args.overrides)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = run_bench(config, device, args.compare_baseline, args.steps, args.warmup,
                        args.stage1_batch, args.stage2_batch, args.ablate, args.compile)

@@ -53,6 +53,7 @@ class CpuProbe:
     probed: str  # ISO date
     seconds: dict[str, list[float]]  # workload -> [fp32 s, bf16 s]; empty without native bf16
     native_bf16: bool
+    load: float = 0.0  # 1-minute load average per core while probing: near or above 1, timings were shared
 
 
 _probes: dict[tuple[str, str], CpuProbe] = {}  # (cache file, key) -> probe: one read per process
@@ -111,8 +112,8 @@ def _workloads() -> dict[str, tuple]:
     return runs
 
 
-def _time_workloads(repeats: int = 2) -> dict[str, list[float]]:
-    """Best-of-`repeats` seconds per call, fp32 and bf16 interleaved so both see the same machine load."""
+def _time_workloads(repeats: int = 3) -> dict[str, list[float]]:
+    """Best-of-`repeats` wall seconds per call, fp32 and bf16 interleaved so both see the same machine load."""
     seconds = {}
     for name, steps in _workloads().items():
         for step in steps:
@@ -134,14 +135,14 @@ def probe_cpu() -> CpuProbe:
     ratio = math.exp(sum(math.log(f32 / b16) for f32, b16 in seconds.values()) / len(seconds)) if seconds else 0.0
     return CpuProbe(choice="bf16" if native and ratio >= MARGIN else "fp32", ratio=ratio, cpu=cpu_model_name(),
                     torch=torch.__version__, probed=datetime.date.today().isoformat(), seconds=seconds,
-                    native_bf16=native)
+                    native_bf16=native, load=os.getloadavg()[0] / (os.cpu_count() or 1))
 
 
 def cpu_probe() -> CpuProbe:
     """This machine's probe: from memory, else the cache file, else measured now (once) and cached.
 
-    A file lock makes concurrent first runs (e.g. torchrun ranks) measure once, on an otherwise idle
-    CPU, and agree; a read-only cache home only means probing again next time.
+    A file lock makes concurrent first runs (e.g. torchrun ranks) measure once, without each other's
+    load, and agree. To measure again (say the first probe ran on a busy machine), delete the file.
     """
     path = cache_home() / PROBE_FILE
     key = f"{cpu_model_name()} | torch {torch.__version__}"
@@ -184,6 +185,7 @@ def explain(choice: str, device: torch.device, setting: str = "mixed_precision")
             why = f"auto: {probe.cpu} has no native bf16"
         else:
             why = f"bf16 {probe.ratio:.2f}x fp32 on {probe.cpu}, probed {probe.probed}"
+            why += f" under load {probe.load:.1f} per core" if probe.load >= 1 else ""
             why += "" if resolved == "bf16" else f"; bf16 needs >= {MARGIN}x"
     return f"precision: {resolved} ({why})"
 

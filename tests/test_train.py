@@ -124,7 +124,7 @@ def test_stage2_rejects_missing_or_mismatched_init(shapes, stage1_run, tmp_path,
     assert "no such stage-1 run" in capsys.readouterr().err
     assert _train("stage2", *shapes, tmp_path / "b", "--init", str(stage1_run),
                   "--set", "qformer.num_queries=6") == 1
-    assert "different qformer config" in capsys.readouterr().err
+    assert "qformer.num_queries (--init: 4, here: 6)" in capsys.readouterr().err
 
 
 def test_kill_and_resume_equals_uninterrupted(shapes, stage1_run, tmp_path):

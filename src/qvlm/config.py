@@ -20,6 +20,12 @@ class ConfigError(ValueError):
     """A config file or override is malformed; the message says which key and what is allowed."""
 
 
+# Fields (by name, in any section) that take one of a few words: named in the error for a wrong value.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # not "no": YAML reads a bare no as false
+CHOICES = {"mixed_precision": PRECISIONS, "precision": PRECISIONS, "itc_pooling": ("mean_cls", "max"),
+           "dtype": ("float32", "bfloat16", "float16"), "image_position": ("before", "after")}
+
+
 @dataclass
 class VisionConfig:
     name: str = "google/vit-base-patch16-224"
@@ -159,7 +165,10 @@ class QVLMConfig:
             node = data
             for i, part in enumerate(parents):
                 if not isinstance(node.get(part), dict):
-                    raise ConfigError(f"unknown config section {'.'.join(parents[: i + 1])!r} in {item!r}")
+                    sections = [k for k, v in node.items() if isinstance(v, dict)]
+                    where = f" in {'.'.join(parents[:i])}" if i else ""
+                    valid = f"; valid sections{where}: {', '.join(sections)}" if sections else ""
+                    raise ConfigError(f"unknown config section {'.'.join(parents[: i + 1])!r} in {item!r}{valid}")
                 node = node[part]
             node[leaf] = yaml.safe_load(raw) if raw.strip() else None
         return QVLMConfig.from_dict(data)
@@ -219,7 +228,11 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
     else:
         return value
     expected = getattr(hint, "__name__", text)
-    raise ConfigError(f"{key} expects {expected}, got {value!r}")
+    choices = CHOICES.get(key.rpartition(".")[2])
+    if choices:
+        expected = "one of " + ", ".join(choices)
+    hint_yaml = " (YAML reads a bare no/off/yes/on as false/true)" if isinstance(value, bool) else ""
+    raise ConfigError(f"{key} expects {expected}, got {value!r}{hint_yaml}")
 
 
 # ---------------------------------------------------------------------------------------------------

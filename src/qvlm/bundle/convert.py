@@ -80,3 +80,5 @@ def _onnx(src: Path, comp: Component, out: Path) -> None:
 
 
 CONVERTERS: dict[str, Converter] = {"hf_folder": convert_hf_folder, "gguf_lm": _gguf, "onnx_dinov2": _onnx}
+# The optional package each converter reads with (the `bundle` extra), checked before downloading.
+CONVERTER_NEEDS = {"gguf_lm": "gguf", "onnx_dinov2": "onnx"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qvlm.bundle import BundleError
+from qvlm.extras import missing_extra
 
 CHAT_END = "<|im_end|>"
 
@@ -24,7 +24,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
                                                      dtype=torch.float32)
     except ImportError as e:
-        raise BundleError(f"reading {gguf_path.name} needs the `gguf` package: pip install gguf ({e})") from e
+        raise missing_extra(e, f"reading {gguf_path.name}", extra="bundle") from e
     _set_special_tokens(model, tokenizer)
     _drop_quantization(model)
     tokenizer.model_max_length = model.config.max_position_embeddings  # GGUF leaves it "infinite"

@@ -160,8 +160,11 @@ def _remove_leftovers(root: Path, name: str) -> None:
 
 
 def _build(comp: Component, target: Path, progress: Progress) -> None:
-    from qvlm.bundle.convert import CONVERTERS
+    from qvlm.bundle.convert import CONVERTER_NEEDS, CONVERTERS
+    from qvlm.extras import require
 
+    if comp.converter in CONVERTER_NEEDS:
+        require(CONVERTER_NEEDS[comp.converter], f"converting the offline bundle's {comp.name}")
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{comp.name}-", dir=target.parent))
     try:
         progress(f"{comp.name}: downloading {comp.requirement}")

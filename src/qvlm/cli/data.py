@@ -10,7 +10,7 @@ from pathlib import Path
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "data", help="prepare datasets (manifests from COCO, Flickr30k, VQAv2, img2dataset; bundled data)",
-        description="Write JSONL manifests (DESIGN.md §3) from common dataset layouts or bundled data.")
+        description="Write JSONL manifests (docs/data.md) from common dataset layouts or bundled data.")
     sub = parser.add_subparsers(dest="data_command", metavar="SOURCE", required=True)
 
     p = sub.add_parser("coco", help="COCO captions, Karpathy split JSON (dataset_coco.json)")
@@ -31,8 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", help="e.g. train2014 (default: the questions file's data_subtype)")
     _out(p)
 
-    p = sub.add_parser("img2dataset", help="img2dataset output: tar shards or the folder layout")
-    p.add_argument("--src", required=True, help="'dir/{00000..00099}.tar', a folder of shards, or a folder")
+    p = sub.add_parser("img2dataset", aliases=["folder"],
+                       help="a folder of images with same-named .txt captions (img2dataset's layout), or tar shards")
+    p.add_argument("--src", required=True, help="a folder (searched recursively: photo.jpg + photo.txt), "
+                   "'dir/{00000..00099}.tar' or a folder of shards")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     _out(p)
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             split = args.split or json.loads(src.read_text()).get("data_subtype", "")
             images = src.parent / split
         counts = convert.convert_vqav2(src, args.annotations, images, args.out, split=args.split)
-    elif command == "img2dataset":
+    elif command in ("img2dataset", "folder"):
         counts = convert.convert_img2dataset(args.src, args.out, args.val_fraction, args.seed)
     elif command == "easyvqa":
         counts = bundled.build_easyvqa(args.out, seed=args.seed, val_fraction=args.val_fraction)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from qvlm.cli.infer import add_generation_args, generation_kwargs, load_model
+from qvlm.extras import require
 
 TASKS = ("retrieval", "caption", "vqa")
 
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from qvlm.eval.evaluate import evaluate_captions, evaluate_retrieval, evaluate_vqa, load_records
 
     gen = generation_kwargs(args)
+    if args.task == "caption":  # the metrics come last: check before generating every caption
+        require("pycocoevalcap", "qvlm eval --task caption")
     if args.baseline:
         from qvlm.eval.baselines import check_request
 

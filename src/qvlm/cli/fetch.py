@@ -25,14 +25,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from qvlm.bundle import COMPONENTS, fetch
     from qvlm.bundle.store import folder_size
+    from qvlm.console import progress
 
     names = args.only or list(COMPONENTS)
     results = {}
-    with tqdm(total=len(names), desc="qvlm fetch", unit="model") as bar:
+    with progress(total=len(names), desc="qvlm fetch", unit="model") as bar:
         for name in names:
             bar.set_postfix_str(name)
             results.update(fetch([name], force=args.force, progress=bar.set_postfix_str))

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from qvlm.cli.infer import add_generation_args, generation_kwargs, load_model
+from qvlm.extras import require
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from qvlm.eval.evaluate import load_records, write_report
 
     gen = generation_kwargs(args)
+    require("matplotlib", "qvlm report")  # before loading the model
     run_dir = Path(args.run)
     records = load_records(args.data)[0] if args.data else []
     model = load_model(args.run, args.device)

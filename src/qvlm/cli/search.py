@@ -15,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the vision encoder. Works with stage-1 and stage-2 runs.")
     p.add_argument("run", help="run folder (or its model/ folder)")
     p.add_argument("text", help="the query")
-    p.add_argument("--images", required=True, nargs="+", metavar="DIR_OR_IMAGE", help="folder(s) or files")
+    # One path per --images (repeatable): a list-taking flag would swallow the query that follows it.
+    p.add_argument("--images", required=True, action="append", metavar="DIR_OR_IMAGE",
+                   help="a folder (searched recursively) or an image file; repeat for more")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--cache", type=Path, help="feature cache folder (default: RUN/cache)")
     p.add_argument("--batch-size", type=int, default=32)

@@ -9,13 +9,20 @@ from pathlib import Path
 MB = 1024 * 1024
 
 
+HELP = "serve a trained model: a web page and an OpenAI-compatible chat-completions API"
+
+
 def register(subparsers) -> None:
-    from qvlm.serve.settings import ServeSettings
+    try:
+        from qvlm.serve.settings import ServeSettings  # imports the app: fastapi, httpx
+    except ImportError as e:
+        register_unavailable(subparsers, e)
+        return
 
     d = ServeSettings()
     p = subparsers.add_parser(
         "serve",
-        help="serve a trained model: a web page and an OpenAI-compatible chat-completions API",
+        help=HELP,
         description="Serve RUN (a run folder or a model folder) at http://HOST:PORT/: a page to drop an "
         "image and ask questions, POST /v1/chat/completions (OpenAI vision format), GET /v1/models, "
         "GET /health. Listens on 127.0.0.1 unless told otherwise; a non-loopback host needs --api-key.",
@@ -53,6 +60,22 @@ def register(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="waiting requests beyond this get HTTP 429 (default: %(default)s)")
     p.set_defaults(func=run)
+
+
+def register_unavailable(subparsers, error: ImportError) -> None:
+    """Without the `serve` extra the command is still listed, and says what to install when run."""
+    from qvlm.extras import missing_extra
+
+    clear = missing_extra(error)
+    if clear is None:
+        raise error
+    p = subparsers.add_parser("serve", help=f"{HELP} (needs the serve extra)", description=str(clear))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    def refuse(args: argparse.Namespace) -> int:
+        raise clear
+
+    p.set_defaults(func=refuse)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from qvlm.config import QVLMConfig, get_preset
+from qvlm.console import warn
 from qvlm.errors import QVLMError
+from qvlm.extras import require
 
 
 def register(subparsers) -> None:
@@ -61,6 +64,12 @@ def run(args) -> int:
     init = getattr(args, "init", None)
     if stage == 2 and init and not Path(init).exists():
         raise QVLMError(f"--init {init}: no such stage-1 run folder")
+    if stage == 2 and args.val:  # checked now, not at the first validation minutes into training
+        require("pycocoevalcap", "stage-2 validation (--val), which scores captions,")
+    if stage == 2 and not init and os.environ.get("RANK", "0") == "0":  # once under torchrun / accelerate
+        warn("stage 2 without --init: the Q-Former has never been aligned with images (that is stage 1), "
+             "so captions and answers will be much worse. Train stage 1 first and pass --init STAGE1_RUN, "
+             "unless this is what you want.")
     check_data(args.data, args.val)
     model_dir = train(resolve_config(args), stage, args.data, args.out, val=args.val, init=init,
                       resume=args.resume)

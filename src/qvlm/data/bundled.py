@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from qvlm.data.images import BadSample, DataError, load_image
+from qvlm.extras import missing_extra
 
 EASYVQA_SHAPES = ("circle", "rectangle", "triangle")
 EASYVQA_COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
@@ -27,7 +28,7 @@ def easyvqa_data_dir() -> Path:
     try:
         import easy_vqa
     except ImportError as e:
-        raise DataError("easy-VQA is not installed: pip install easy-vqa") from e
+        raise missing_extra(e, "easy-VQA", extra="demo") from e
     return Path(easy_vqa.__file__).parent / "data"
 
 

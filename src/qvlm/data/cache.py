@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +27,7 @@ from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qvlm import console
 from qvlm.data.images import DEFAULT_MAX_PIXELS, BadSample, DataError, SkipCounter
 from qvlm.data.records import Record
 
@@ -191,16 +191,18 @@ class _Builder:
         self.pending: list[torch.Tensor] = []
         self.seen: set[str] = set()
         self.encoded = 0
-        self.started = time.monotonic()
+        self.bar = None  # the pass's progress bar, while `run` runs
 
     def run(self, records: Iterable[Record]) -> None:
-        for record in records:
-            self.add(record)
-        self.encode_batch()
-        self.flush()
-        if self.progress:
-            print(f"\rfeature cache: encoded {self.encoded} new images in {time.monotonic() - self.started:.1f}s"
-                  f"; {self.skips.summary()}; {self.cache.summary()}", flush=True)
+        total = len(records) if hasattr(records, "__len__") else None
+        # Counts samples (cached ones fly by); the postfix counts the images the encoder ran on.
+        with console.progress(total=total, desc="feature cache", unit="sample", disable=not self.progress) as bar:
+            self.bar = bar
+            for record in records:
+                self.add(record)
+                self.bar.update(1)
+            self.encode_batch()
+            self.flush()
 
     def add(self, record: Record) -> None:
         cache = self.cache
@@ -241,9 +243,7 @@ class _Builder:
         self.pending_keys.extend(self.batch_keys)
         self.encoded += len(self.batch_keys)
         self.batch_keys, self.batch_images = [], []
-        if self.progress:
-            rate = self.encoded / max(time.monotonic() - self.started, 1e-9)
-            print(f"\rfeature cache: {self.encoded} images encoded ({rate:.1f}/s)", end="", flush=True)
+        self.bar.set_postfix(encoded=self.encoded, refresh=False)
         if len(self.pending_keys) >= self.cache.shard_size:
             self.flush()
 

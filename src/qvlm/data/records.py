@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from torch.utils.data import IterableDataset
 
 from qvlm.data.images import DEFAULT_MAX_PIXELS, BadSample, DataError, SkipCounter, load_image
+from qvlm.extras import missing_extra
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 KNOWN_FIELDS = ("image", "image_path", "file_name", "caption", "captions", "question", "answer", "answers",
@@ -104,7 +105,8 @@ def read_records(spec: str | Path, skips: SkipCounter | None = None) -> Iterator
     if _looks_like_shards(spec):
         return iter_shards(expand_shards(spec), skips=skips)
     if not path.exists():
-        raise DataError(f"dataset not found: {spec}")
+        hint = _HUB_ID_HINT.format(spec=spec) if _looks_like_hub_id(spec) else ""
+        raise DataError(f"dataset not found: {spec}{hint}")
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() \
                 or (path / "state.json").exists():
@@ -119,6 +121,18 @@ def read_records(spec: str | Path, skips: SkipCounter | None = None) -> Iterator
         return read_table(path, skips=skips)
     raise DataError(f"{spec}: unknown dataset format (expected .jsonl, .csv, .tsv, .tar shards or a "
                     "Hugging Face datasets folder)")
+
+
+_HUB_ID_HINT = (
+    ". It looks like a Hugging Face hub id, but qvlm reads data from disk only, never from the hub: a JSONL/CSV "
+    "manifest, tar shards or a `datasets` save_to_disk folder (docs/data.md). Download it once with "
+    "`python -c \"import datasets; datasets.load_dataset('{spec}').save_to_disk('data/hub')\"` "
+    "(pip install 'qvlm[datasets]'), then pass --data data/hub (a DatasetDict folder reads its train split)")
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    """`owner/name` with no file suffix: what a hub dataset id looks like (and no local path does here)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None and not Path(spec).suffix
 
 
 def _looks_like_shards(spec: str) -> bool:
@@ -397,7 +411,7 @@ def read_hf_dataset(path: str | Path, split: str | None = None, image_column: st
     try:
         import datasets  # optional: only needed for this format
     except ImportError as e:
-        raise DataError(f"{path} is a Hugging Face datasets folder; `pip install datasets` to read it") from e
+        raise missing_extra(e, f"reading {path} (a Hugging Face datasets folder)", extra="datasets") from e
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         split = split or ("train" if "train" in ds else next(iter(ds)))

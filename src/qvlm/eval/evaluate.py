@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from qvlm.console import progress
 from qvlm.data.cache import FeatureCache
 from qvlm.data.collate import normalise_caption
 from qvlm.data.images import BadSample, SkipCounter
@@ -89,29 +90,35 @@ def iter_feature_batches(
     batch_size: int,
     skips: SkipCounter,
     cache: FeatureCache | None = None,
+    desc: str | None = None,
 ) -> Iterator[tuple[list[Record], torch.Tensor]]:
     """Yield (records, features [B, P, Dv] on the model's device) in order, bad images skipped.
 
     Each skipped record is counted in ``skips`` with its reason (missing, corrupt, truncated, ...).
     With a cache, every image not cached yet is encoded once first, then features are read back.
+    With ``desc``, progress bars show the cache build and the records done (counted once the caller
+    has used their batch, so the rate and ETA include its generation time).
     """
     if cache is not None:
-        cache.build(records, batch_size=batch_size, progress=False)
+        cache.build(records, batch_size=batch_size, progress=desc is not None)
     batch: list[Record] = []
     payload: list[Any] = []  # PIL images (no cache) or cache keys
-    for record in records:
-        try:
-            payload.append(_cache_key(cache, record) if cache is not None else record.open_image())
-        except BadSample as e:
-            skips.record(e, record.key)
-            continue
-        skips.ok()
-        batch.append(record)
-        if len(batch) == batch_size:
+    with progress(total=len(records), desc=desc, unit="sample", disable=desc is None) as bar:
+        for seen, record in enumerate(records, 1):
+            try:
+                payload.append(_cache_key(cache, record) if cache is not None else record.open_image())
+            except BadSample as e:
+                skips.record(e, record.key)
+                continue
+            skips.ok()
+            batch.append(record)
+            if len(batch) == batch_size:
+                yield batch, _features(model, payload, cache)
+                bar.update(seen - bar.n)
+                batch, payload = [], []
+        if batch:
             yield batch, _features(model, payload, cache)
-            batch, payload = [], []
-    if batch:
-        yield batch, _features(model, payload, cache)
+        bar.update(len(records) - bar.n)
 
 
 def _cache_key(cache: FeatureCache, record: Record) -> str:
@@ -223,7 +230,7 @@ def evaluate_retrieval(
     img_embeds: list[torch.Tensor] = []
     features: list[torch.Tensor] = []  # fp16 CPU copies, only for the ITM pass
     for batch, feats in iter_feature_batches(model, [r for r, _ in groups], batch_size, skips,
-                                             open_cache(model, cache)):
+                                             open_cache(model, cache), desc="eval retrieval"):
         kept.extend(batch)
         img_embeds.append(image_embeddings(model, feats))
         if use_itm:
@@ -333,7 +340,7 @@ def evaluate_captions(
     skips = SkipCounter("images")
     predictions: list[dict[str, Any]] = []
     for batch, feats in iter_feature_batches(model, [r for r, _ in groups], batch_size, skips,
-                                             open_cache(model, cache)):
+                                             open_cache(model, cache), desc="eval captions"):
         texts = model.generate_from_features(feats, [prompt] * len(batch), **gen)
         predictions += [{"key": r.key, "image": r.image_path, "prediction": text, "references": refs[r.key]}
                         for r, text in zip(batch, texts, strict=True)]
@@ -369,7 +376,8 @@ def evaluate_vqa(
     gen = {"max_new_tokens": 16, **gen}  # answers are a few words
     skips = SkipCounter("questions")
     predictions: list[dict[str, Any]] = []
-    for batch, feats in iter_feature_batches(model, questions, batch_size, skips, open_cache(model, cache)):
+    for batch, feats in iter_feature_batches(model, questions, batch_size, skips, open_cache(model, cache),
+                                             desc="eval vqa"):
         texts = model.generate_from_features(feats, [vqa_prompt(r.question or "") for r in batch], **gen)
         predictions += [_vqa_prediction(r, text) for r, text in zip(batch, texts, strict=True)]
     if not predictions:

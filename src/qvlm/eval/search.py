@@ -94,7 +94,7 @@ def search_images(
     skips = SkipCounter("images")
     kept: list[Record] = []
     embeds: list[torch.Tensor] = []
-    for batch, feats in iter_feature_batches(model, records, batch_size, skips, cache):
+    for batch, feats in iter_feature_batches(model, records, batch_size, skips, cache, desc="search"):
         kept.extend(batch)
         embeds.append(image_embeddings(model, feats))
     if not kept:

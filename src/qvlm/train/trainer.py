@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,9 +25,9 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from qvlm.config import QVLMConfig
+from qvlm.console import progress
 from qvlm.data.cache import FeatureCache
 from qvlm.data.collate import LengthGroupedBatchSampler, Stage1Collator, Stage2Collator, positive_pairs
 from qvlm.data.datasets import CaptionDataset, InstructionDataset
@@ -155,10 +156,14 @@ def build_model(config: QVLMConfig, stage: int, init: Path | None) -> QVLM:
     trained_with = QVLMConfig.load(folder / "config.json")
     # The encoder's arithmetic (`vision.precision`) may differ: same weights, features within ~1%.
     trained_with.vision.precision = config.vision.precision
-    mismatch = [part for part in ("vision", "qformer") if getattr(trained_with, part) != getattr(config, part)]
+    mismatch = [f"{part}.{key} (--init: {theirs!r}, here: {getattr(getattr(config, part), key)!r})"
+                for part in ("vision", "qformer")
+                for key, theirs in asdict(getattr(trained_with, part)).items()
+                if theirs != getattr(getattr(config, part), key)]
     if mismatch:
-        raise QVLMError(f"--init {init} was trained with a different {' and '.join(mismatch)} config; "
-                        "stage 2 must use the stage-1 run's vision encoder and Q-Former settings")
+        raise QVLMError(f"--init {init} was trained with a different vision / Q-Former config: "
+                        f"{'; '.join(mismatch)}. Stage 2 must use the stage-1 run's settings: train with "
+                        f"--config {folder / 'config.json'} (or the same --preset and --set as stage 1)")
     model = QVLM.build(config, stage=2)
     # Only the Q-Former comes from stage 1 (the vision encoder is the same frozen one).
     weights = load_file(folder / WEIGHTS_FILE)
@@ -249,8 +254,8 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
         drop_metrics_after(out / "metrics.jsonl", position.step)  # the steps after it are trained again
 
     log = MetricsLog(out, accelerator.is_main_process)
-    bar = tqdm(total=total_steps, initial=position.step, disable=not accelerator.is_main_process,
-               desc=f"stage {stage}", dynamic_ncols=True)
+    bar = progress(total=total_steps, initial=position.step, disable=not accelerator.is_main_process,
+                   desc=f"stage {stage}")
     samples, padded, positions, tick = 0, 0, 0, time.perf_counter()
     cut, answers = 0, 0  # stage 2: answers cut at max_answer_tokens, of all answers trained on
     last_good = last

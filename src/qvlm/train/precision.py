@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from filelock import FileLock
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from qvlm.config import ConfigError
+from qvlm.config import PRECISIONS, ConfigError
 from qvlm.utils import cache_home
 
-CHOICES = ("auto", "fp32", "bf16", "fp16")  # not "no": YAML reads a bare no as false
+CHOICES = PRECISIONS  # one list, also named by the config errors
 MARGIN = 1.15  # bf16 must be this many times faster than fp32: closer calls are noise, and fp32 is exact
 PROBE_FILE = "precision-probe.json"
 # The probe's shapes: SmolLM2-135M's layer (width 576, MLP 1536, 9 query / 3 key-value heads of 64),

@@ -102,8 +102,11 @@ class CaptionedImages:
 
 @torch.no_grad()
 def captioned_images(model: QVLM, records: Sequence[Record], batch_size: int, cache: CacheArg,
-                     limit: int | None = None) -> CaptionedImages:
-    """The images of ``records`` that have captions (first ``limit``), unreadable ones skipped as the run does."""
+                     limit: int | None = None, desc: str | None = None) -> CaptionedImages:
+    """The images of ``records`` that have captions (first ``limit``), unreadable ones skipped as the run does.
+
+    ``desc`` names the progress bars (encoding a training set the run has not cached takes minutes).
+    """
     groups = image_groups(records)[:limit]
     if not groups:
         raise QVLMError("baselines need records with captions; this data has none")
@@ -112,7 +115,7 @@ def captioned_images(model: QVLM, records: Sequence[Record], batch_size: int, ca
     kept: list[Record] = []
     pooled: list[torch.Tensor] = []
     for batch, feats in iter_feature_batches(model, [r for r, _ in groups], batch_size, skips,
-                                             open_cache(model, cache)):
+                                             open_cache(model, cache), desc=desc):
         kept.extend(batch)
         pooled.append(feats.float().mean(dim=1).cpu())  # [B, P, Dv] -> [B, Dv]
     if not kept:
@@ -326,10 +329,11 @@ def run_baselines(model: QVLM, records: Sequence[Record], names: Sequence[str], 
     """
     check_request(names, task, train)
     cache = open_cache(model, cache)
-    test = captioned_images(model, records, batch_size, cache, limit)
+    test = captioned_images(model, records, batch_size, cache, limit, desc="baseline: test images")
     train_set = shared = None
     if any(n in NEEDS_TRAIN for n in names):
-        train_set = captioned_images(model, load_records(train)[0], batch_size, cache)
+        train_set = captioned_images(model, load_records(train)[0], batch_size, cache,
+                                     desc="baseline: training images")
         shared = _shared_images(train_set, test)
     results: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[dict]] = {}

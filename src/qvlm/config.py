@@ -82,7 +82,7 @@ class Stage1Config:
     itm_weight: float = 0.0
     itg_weight: float = 0.0
     grad_clip: float = 1.0
-    mixed_precision: str = "auto"  # auto (bf16 on GPUs and AMX CPUs, else fp32) | fp32 | bf16 | fp16
+    mixed_precision: str = "auto"  # auto (bf16 on GPUs, on CPUs where measured faster) | fp32 | bf16 | fp16
 
 
 @dataclass

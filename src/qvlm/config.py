@@ -236,7 +236,7 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Presets (DESIGN.md §2)
+# Presets (docs/design.md#presets)
 
 # Architecture of the `tiny` preset's random backbones: small enough that the whole test suite trains
 # real models in seconds on a CPU.

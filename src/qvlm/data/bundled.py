@@ -1,6 +1,6 @@
 """Datasets that need no download: easy-VQA (PyPI `easy-vqa`) and openclipart (Debian packages).
 
-Both are written as JSONL manifests (DESIGN.md §3) with the images copied next to them.
+Both are written as JSONL manifests (docs/design.md#data-formats) with the images copied next to them.
 """
 
 from __future__ import annotations

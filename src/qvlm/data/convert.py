@@ -1,4 +1,4 @@
-"""Converters from public dataset layouts to JSONL manifests (DESIGN.md §3).
+"""Converters from public dataset layouts to JSONL manifests (docs/design.md#data-formats).
 
 Images stay where they are; manifests refer to them by paths relative to the output folder (absolute
 when they live on another tree root), so a manifest and its images can move together.

@@ -1,4 +1,4 @@
-"""Robust image decoding and caption checks, with per-reason skip counting (DESIGN.md §3).
+"""Robust image decoding and caption checks, with per-reason skip counting (docs/design.md#data-formats).
 
 Bad data never stops a run: a sample that cannot be used raises `BadSample(reason)`, the caller skips
 it and counts it in a `SkipCounter`. But a dataset that is mostly garbage must not train silently:

@@ -30,7 +30,7 @@ def sample_caption_prompt(rng: random.Random, prompts: list[str] | None = None) 
 def vqa_prompt(question: str) -> str:
     """The user text for a question: the question itself, whitespace-normalised.
 
-    Kept bare on purpose: shorter prompts train faster (DESIGN.md §6) and an instruct LM already
+    Kept bare on purpose: shorter prompts train faster (docs/design.md#pipeline) and an instruct LM already
     answers questions; the answer format is learned from the answers.
     """
     return " ".join(question.split())

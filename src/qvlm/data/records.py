@@ -1,4 +1,4 @@
-"""Dataset records and the readers that produce them (DESIGN.md §3).
+"""Dataset records and the readers that produce them (docs/design.md#data-formats).
 
 `read_records(spec)` accepts:
 - a JSONL manifest (`*.jsonl`): `image` plus `caption` | `captions` | `question` + `answer`/`answers`,

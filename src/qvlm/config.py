@@ -50,6 +50,9 @@ class QFormerConfig:
     learn_temperature: bool = False
     max_text_len: int = 32
     dropout: float = 0.1  # attention and hidden dropout (BERT's 0.1); 0 for the tiny test models
+    # Stage 2 (InstructBLIP): the user's text joins the queries' self-attention, so the queries extract
+    # what the question asks about. A stage-2 setting: a stage-1 run trained either way can --init it.
+    instruction_aware: bool = False
 
 
 @dataclass
@@ -78,6 +81,9 @@ class Stage1Config:
     weight_decay: float = 0.05
     warmup_steps: int = 100
     max_steps: int | None = None  # stop early (tests, smoke runs)
+    # Wall seconds for the training steps: the first steps are timed and, if the plan would overrun,
+    # fewer steps are trained over a redrawn schedule (train/budget.py). None: no limit.
+    time_budget_s: float | None = None
     itc_weight: float = 1.0
     itm_weight: float = 0.0
     itg_weight: float = 0.0
@@ -96,6 +102,7 @@ class Stage2Config:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     max_steps: int | None = None
+    time_budget_s: float | None = None  # as stage1.time_budget_s
     grad_clip: float = 1.0
     max_answer_tokens: int = 48
     mixed_precision: str = "auto"  # as stage1.mixed_precision

@@ -28,6 +28,13 @@ class DemoPlan:
     eval_every: int  # validation during training, in steps
 
 
+# How a time budget is shared (`--minutes`): stage 1's steps get this share, evaluation and the report
+# are kept this share, and stage 2 gets what remains once stage 1 is done. Measured shares on the 2-core
+# development CPUs: docs/BENCHMARKS.md, "demo".
+STAGE1_SHARE = 0.25
+EVAL_SHARE = 0.15
+
+
 PLANS = {
     "smoke": DemoPlan(train_images=24, stage1_steps=3, stage2_steps=3, eval_questions=16, eval_images=16,
                       eval_every=3),
@@ -38,14 +45,15 @@ PLANS = {
 }
 
 
-def demo_config(plan: DemoPlan, mode: str) -> QVLMConfig:
+def demo_config(plan: DemoPlan, mode: str, seed: int = 0, overrides: list[str] = ()) -> QVLMConfig:
+    """The offline preset with the plan's steps; `overrides` (`--set`) come last and win."""
     small = ["stage1.batch_size=8", "stage2.batch_size=4"] if mode == "smoke" else []
     return get_preset("offline").override(small + [
         f"stage1.max_steps={plan.stage1_steps}", "stage1.epochs=1000",
         f"stage2.max_steps={plan.stage2_steps}", "stage2.epochs=1000",
         "train.log_every=10", f"train.eval_every={plan.eval_every}",
-        f"train.save_every={max(50, plan.stage2_steps // 4)}",
-    ])
+        f"train.save_every={max(50, plan.stage2_steps // 4)}", f"train.seed={seed}",
+    ] + list(overrides))
 
 
 def _subset(manifest: Path, out: Path, max_images: int | None) -> Path:
@@ -64,7 +72,9 @@ def _subset(manifest: Path, out: Path, max_images: int | None) -> Path:
     return out
 
 
-def run_demo(out: Path, mode: str = "default") -> dict:
+def run_demo(out: Path, mode: str = "default", seed: int = 0, overrides: list[str] = (),
+             minutes: float | None = None) -> dict:
+    """The whole pipeline; with `minutes`, each stage's steps are cut to what fits this machine."""
     from qvlm.bundle import fetch
     from qvlm.data.bundled import build_easyvqa
     from qvlm.data.records import load_records
@@ -73,8 +83,11 @@ def run_demo(out: Path, mode: str = "default") -> dict:
     from qvlm.train.trainer import train
 
     plan = PLANS[mode]
+    config = demo_config(plan, mode, seed, overrides)  # a bad --set fails here, before any work
     out.mkdir(parents=True, exist_ok=True)
-    timings = {}
+    started, timings = time.perf_counter(), {}
+    if minutes:
+        _say_plan(minutes, config)
     _say("1/6 offline model bundle (downloaded and converted once, then cached)")
     fetch()
 
@@ -85,15 +98,19 @@ def run_demo(out: Path, mode: str = "default") -> dict:
     train_manifest = _subset(data / "train.jsonl", data / f"train-{mode}.jsonl", plan.train_images)
     val_manifest = _subset(data / "val.jsonl", data / f"val-{mode}.jsonl", 32 if mode == "smoke" else 100)
 
-    config = demo_config(plan, mode)
     config.train.feature_cache = str(out / "cache")
     _say("3/6 stage 1: align the Q-Former with captions (ITC + ITG), features cached")
     t = time.perf_counter()
+    if minutes:
+        config.stage1.time_budget_s = STAGE1_SHARE * minutes * 60
     train(config, 1, str(train_manifest), out / "stage1", val=str(val_manifest), resume=True)
     timings["stage1_s"] = time.perf_counter() - t
 
     _say("4/6 stage 2: adapter + LoRA on captions and questions")
     t = time.perf_counter()
+    if minutes:  # what stage 1 and the set-up left, less the evaluation's share
+        left = (1 - EVAL_SHARE) * minutes * 60 - (time.perf_counter() - started)
+        config.stage2.time_budget_s = max(60.0, left)
     train(config, 2, str(train_manifest), out / "run", val=str(val_manifest), init=out / "stage1", resume=True)
     timings["stage2_s"] = time.perf_counter() - t
     _merge_logs(out / "stage1" / "metrics.jsonl", out / "run" / "metrics.jsonl")
@@ -108,6 +125,7 @@ def run_demo(out: Path, mode: str = "default") -> dict:
     retrieval = evaluate_retrieval(model, test_records, cache=out / "cache", limit=plan.eval_images,
                                    match="caption")
     timings["eval_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - started
 
     _say("6/6 report")
     report = write_report(model, out / "run", test_records[:200], max_new_tokens=12)
@@ -130,6 +148,16 @@ def _say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
+def _say_plan(minutes: float, config: QVLMConfig) -> None:
+    stage1 = STAGE1_SHARE * minutes
+    stage2 = (1 - STAGE1_SHARE - EVAL_SHARE) * minutes
+    print(f"time plan: about {minutes:g} minutes on this machine: set-up, feature cache and stage 1 "
+          f"(at most {config.stage1.max_steps} steps, cut to fit ~{stage1:.1f} min), stage 2 (at most "
+          f"{config.stage2.max_steps} steps in what remains, ~{stage2:.1f} min), evaluation and report "
+          f"(~{EVAL_SHARE * minutes:.1f} min). Each stage times its first steps and trains what fits; "
+          "--minutes 0 trains every planned step.", flush=True)
+
+
 def _print_summary(summary: dict, vqa: dict, model, out: Path) -> None:
     r, v, t = summary["retrieval"], summary["vqa"], summary["timings"]
     print("\n" + "=" * 64)
@@ -139,7 +167,8 @@ def _print_summary(summary: dict, vqa: dict, model, out: Path) -> None:
     print("    (a blind baseline that ignores the image scores 66.4%; see docs/BENCHMARKS.md)")
     print(f"retrieval on {r['n_images']} test images:  image->text R@1 {100 * r['i2t_r1']:.1f}%  "
           f"R@5 {100 * r['i2t_r5']:.1f}%   text->image R@1 {100 * r['t2i_r1']:.1f}%  R@5 {100 * r['t2i_r5']:.1f}%")
-    print(f"training time: stage 1 {t['stage1_s']:.0f} s, stage 2 {t['stage2_s']:.0f} s; eval {t['eval_s']:.0f} s")
+    print(f"time: stage 1 {t['stage1_s']:.0f} s, stage 2 {t['stage2_s']:.0f} s, eval {t['eval_s']:.0f} s; "
+          f"{t['total_s'] / 60:.1f} min in all")
     print("\nsamples:")
     for p in vqa["predictions"][:6]:
         print(f"  {Path(p['image']).name:>10}  Q: {p['question']:<36} A: {p['prediction']:<10} "

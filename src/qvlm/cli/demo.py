@@ -15,6 +15,12 @@ def register(subparsers) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--smoke", action="store_true", help="a few dozen samples and steps (CI, ~2 min)")
     size.add_argument("--full", action="store_true", help="the longer run of docs/BENCHMARKS.md (~1 hour)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-time budget: each stage times its first steps and trains only the steps "
+                   "that fit (fewer steps, lower accuracy on slow CPUs; default: every planned step)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (data order, initialisation)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field as `qvlm train` does, e.g. --set stage2.mixed_precision=fp32")
     p.set_defaults(func=run)
 
 
@@ -22,5 +28,5 @@ def run(args) -> int:
     from qvlm.demo import run_demo
 
     mode = "smoke" if args.smoke else "full" if args.full else "default"
-    run_demo(Path(args.out), mode)
+    run_demo(Path(args.out), mode, seed=args.seed, overrides=args.overrides, minutes=args.minutes or None)
     return 0

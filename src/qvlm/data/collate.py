@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from qvlm.data.sequences import qformer_text_inputs
+
 
 def normalise_caption(text: str) -> str:
     """Lower-case, strip, collapse whitespace: "A  Red Circle " == "a red circle"."""
@@ -71,14 +73,17 @@ class Stage2Collator:
     """Batch for instruction tuning: token tensors from `sequences.build_stage2_batch` plus the image.
 
     Returns {features | pixel_values, input_ids [B, L], attention_mask [B, L], image_mask [B, L],
-    labels [B, L], prompts, answers (the target), references (all answers), answer_types, image_keys}.
+    labels [B, L], prompts, answers (the target), references (all answers), answer_types, image_keys},
+    plus qformer_input_ids / qformer_attention_mask [B, T] (the prompts in the Q-Former's vocabulary)
+    when `qformer_tokenizer` is given (instruction-aware models).
     """
 
     def __init__(self, tokenizer: Any, num_queries: int, image_position: str = "before",
                  system_prompt: str | None = None, max_answer_tokens: int | None = None,
-                 build_batch: Any = None):
+                 build_batch: Any = None, qformer_tokenizer: Any = None, qformer_max_len: int = 32):
         """`build_batch` replaces `build_stage2_batch` (tests); same signature."""
         self.tokenizer = tokenizer
+        self.qformer_tokenizer, self.qformer_max_len = qformer_tokenizer, qformer_max_len
         self.num_queries = num_queries
         self.image_position = image_position
         self.system_prompt = system_prompt
@@ -96,6 +101,8 @@ class Stage2Collator:
         tokens = self.build_batch(self.tokenizer, prompts, answers, self.num_queries,
                                   image_position=self.image_position, system_prompt=self.system_prompt,
                                   max_answer_tokens=self.max_answer_tokens)
+        if self.qformer_tokenizer is not None:
+            tokens |= qformer_text_inputs(self.qformer_tokenizer, prompts, self.qformer_max_len)
         return {**_stack_image(items), **tokens, "prompts": prompts, "answers": answers,
                 "references": [item.get("answers") or [item["answer"]] for item in items],
                 "answer_types": [item.get("answer_type") for item in items],

@@ -114,3 +114,9 @@ def truncated_answers(labels: torch.Tensor, eos_id: int) -> int:
     """How many rows of a training batch hold an answer cut at `max_answer_tokens`: labels [B, L] are
     left-padded, so each row's last position is its EOS unless the answer was cut."""
     return int((labels[:, -1] != eos_id).sum())
+
+
+def qformer_text_inputs(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
+    """The user texts as the Q-Former's tokens (instruction-aware models): ids and mask [B, T]."""
+    tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    return {"qformer_input_ids": tokens.input_ids, "qformer_attention_mask": tokens.attention_mask}

@@ -266,6 +266,15 @@ class QFormer(nn.Module):
         """Patch features [B, P, Dv] -> query outputs [B, Nq, D] (what stage 2 feeds the adapter)."""
         return self(vision, use_queries=True)
 
+    def instructed_queries(self, vision: torch.Tensor, input_ids: torch.Tensor,
+                           text_mask: torch.Tensor) -> torch.Tensor:
+        """Query outputs that have read the instruction too (InstructBLIP): [B, P, Dv], [B, T] -> [B, Nq, D].
+
+        The instruction's tokens join the queries' self-attention under the ITM mask (bidirectional),
+        so the queries extract what the question asks about, not only a fixed summary of the image.
+        """
+        return self(vision, input_ids, text_mask, mode="bidirectional")[:, : self.num_queries]
+
     def image_embeds(self, vision: torch.Tensor) -> torch.Tensor:
         """[B, P, Dv] -> L2-normalised ITC embeddings per query [B, Nq, E]."""
         return F.normalize(self.vision_proj(self.image_queries(vision)), dim=-1)

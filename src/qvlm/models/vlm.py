@@ -2,6 +2,7 @@
 
     image ─► FrozenVisionEncoder ─► features [B, P, Dv]
     features ─► QFormer.image_queries ─► [B, Nq, Dq] ─► adapter (MLP) ─► [B, Nq, Dlm]
+              (instruction-aware: QFormer.instructed_queries, the user's text read alongside)
     the Nq adapter outputs replace the image-slot embeddings of the prompt (see data/sequences.py)
 
 A stage-1 model has no LM (`lm is None`): it is the Q-Former and its heads, for retrieval.
@@ -25,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStream
 from qvlm import hub
 from qvlm.config import LMConfig, QVLMConfig
 from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
-from qvlm.data.sequences import IGNORE, build_stage2_batch
+from qvlm.data.sequences import IGNORE, build_stage2_batch, qformer_text_inputs
 from qvlm.errors import QVLMError
 from qvlm.models.qformer import QFormer, TextEncoderSpec
 from qvlm.models.tiny import random_model, tiny_lm_tokenizer
@@ -112,27 +113,42 @@ class QVLM(nn.Module):
         """PIL images -> patch features [B, P, Dv] on the model's device."""
         return self.vision(self.vision.preprocess(images).to(self.device))
 
-    def image_prefix(self, features: torch.Tensor) -> torch.Tensor:
-        """Patch features [B, P, Dv] -> LM-space image embeddings [B, Nq, Dlm]."""
-        return self.adapter(self.qformer.image_queries(features.to(self.device)))
+    def image_prefix(self, features: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
+                     qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch features [B, P, Dv] -> LM-space image embeddings [B, Nq, Dlm].
 
-    def embed_inputs(self, features: torch.Tensor, input_ids: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+        An instruction-aware model also reads the user's text in the Q-Former's vocabulary ([B, T],
+        from `qformer_text_inputs`)."""
+        features = features.to(self.device)
+        if not self.config.qformer.instruction_aware:
+            return self.adapter(self.qformer.image_queries(features))
+        if qformer_input_ids is None:
+            raise QVLMError("this model is instruction-aware: pass the prompts' Q-Former tokens "
+                            "(qformer_input_ids, qformer_attention_mask)")
+        return self.adapter(self.qformer.instructed_queries(features, qformer_input_ids.to(self.device),
+                                                            qformer_attention_mask.to(self.device)))
+
+    def embed_inputs(self, features: torch.Tensor, input_ids: torch.Tensor, image_mask: torch.Tensor,
+                     **qformer_text: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B, L, Dlm] with the image-slot positions replaced by the image prefix."""
         embeds = self.lm.get_input_embeddings()(input_ids)
-        prefix = self.image_prefix(features).to(embeds.dtype)  # [B, Nq, Dlm]
+        prefix = self.image_prefix(features, **qformer_text).to(embeds.dtype)  # [B, Nq, Dlm]
         return embeds.masked_scatter(image_mask[..., None], prefix)
 
     def forward(self, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                image_mask: torch.Tensor, labels: torch.Tensor | None = None, all_logits: bool = False):
-        """Batch from `build_stage2_batch` -> the LM's output; `.loss` is the mean cross-entropy over the
-        labelled (answer + EOS) tokens.
+                image_mask: torch.Tensor, labels: torch.Tensor | None = None, all_logits: bool = False,
+                qformer_input_ids: torch.Tensor | None = None,
+                qformer_attention_mask: torch.Tensor | None = None):
+        """Batch from `Stage2Collator` -> the LM's output; `.loss` is the mean cross-entropy over the
+        labelled (answer + EOS) tokens. Instruction-aware models also take the prompts' Q-Former tokens.
 
         With labels, logits [B, K, V] cover only the last K positions, the shortest window holding every
         labelled target (answers end the left-padded rows): the vocabulary projection and its softmax
         over ~49k tokens are a fifth of the LM's FLOPs per position, and most positions are prompt.
         `all_logits=True` computes them everywhere ([B, L, V]), as `transformers` does.
         """
-        embeds = self.embed_inputs(features, input_ids, image_mask)
+        embeds = self.embed_inputs(features, input_ids, image_mask, qformer_input_ids=qformer_input_ids,
+                                   qformer_attention_mask=qformer_attention_mask)
         # Left padding: positions count real tokens only, so padded and unpadded rows see the same ones.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         if labels is None or all_logits:
@@ -156,8 +172,11 @@ class QVLM(nn.Module):
         lm_cfg = self.config.lm
         batch = build_stage2_batch(self.tokenizer, user_texts, None, self.qformer.num_queries,
                                    lm_cfg.image_position, lm_cfg.system_prompt)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        embeds = self.embed_inputs(features, batch["input_ids"], batch["image_mask"])
+        qformer_text = qformer_text_inputs(self.text_tokenizer, user_texts, self.config.qformer.max_text_len) \
+            if self.config.qformer.instruction_aware else {}
+        batch = {k: v.to(self.device) for k, v in (batch | qformer_text).items()}
+        embeds = self.embed_inputs(features, batch["input_ids"], batch["image_mask"],
+                                   **{k: batch[k] for k in qformer_text})
         return {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]}
 
     def _generation_kwargs(self, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,

@@ -67,11 +67,19 @@ def make_optimizer(groups: list[dict], fused: bool = True) -> torch.optim.Optimi
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
     """Linear warm-up to each group's lr, then cosine decay to 10% of it."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine_factor(warmup_steps, total_steps))
 
+
+def redraw_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, warmup_steps: int, total_steps: int) -> None:
+    """Decay over a new total from here on (a time budget cut the plan); steps taken keep their lr."""
+    scheduler.lr_lambdas = [_warmup_cosine_factor(warmup_steps, total_steps)] * len(scheduler.lr_lambdas)
+
+
+def _warmup_cosine_factor(warmup_steps: int, total_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -39,8 +39,15 @@ from qvlm.eval.metrics import caption_scores, exact_match
 from qvlm.models.vlm import QVLM, WEIGHTS_FILE, model_folder
 from qvlm.train import precision
 from qvlm.train.best import BestModel, keep_best
+from qvlm.train.budget import TimeBudget, planned_total, save_plan
 from qvlm.train.checkpoint import Position, drop_metrics_after, resume_latest, save_checkpoint
-from qvlm.train.optim import make_optimizer, stage1_param_groups, stage2_param_groups, warmup_cosine
+from qvlm.train.optim import (
+    make_optimizer,
+    redraw_schedule,
+    stage1_param_groups,
+    stage2_param_groups,
+    warmup_cosine,
+)
 from qvlm.utils import cache_home
 
 
@@ -154,8 +161,10 @@ def build_model(config: QVLMConfig, stage: int, init: Path | None) -> QVLM:
         return QVLM.build(config, stage=2)
     folder = model_folder(init)
     trained_with = QVLMConfig.load(folder / "config.json")
-    # The encoder's arithmetic (`vision.precision`) may differ: same weights, features within ~1%.
+    # The encoder's arithmetic (`vision.precision`) may differ: same weights, features within ~1%;
+    # instruction awareness is a stage-2 choice (stage 1 trains the same Q-Former weights either way).
     trained_with.vision.precision = config.vision.precision
+    trained_with.qformer.instruction_aware = config.qformer.instruction_aware
     mismatch = [f"{part}.{key} (--init: {theirs!r}, here: {getattr(getattr(config, part), key)!r})"
                 for part in ("vision", "qformer")
                 for key, theirs in asdict(getattr(trained_with, part)).items()
@@ -231,7 +240,9 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
     else:
         objective = model
         collate = Stage2Collator(model.tokenizer, config.qformer.num_queries, config.lm.image_position,
-                                 config.lm.system_prompt, s.max_answer_tokens)
+                                 config.lm.system_prompt, s.max_answer_tokens,
+                                 qformer_tokenizer=model.text_tokenizer if config.qformer.instruction_aware else None,
+                                 qformer_max_len=config.qformer.max_text_len)
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
                         num_workers=config.train.num_workers, pin_memory=torch.cuda.is_available())
 
@@ -239,7 +250,7 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
     groups = stage1_param_groups(model, config) if stage == 1 else stage2_param_groups(model, config)
     optimizer = make_optimizer(groups)
     steps_per_epoch = -(-len(sampler) // s.grad_accum)  # the epoch's last step takes the remainder
-    total_steps = s.max_steps or steps_per_epoch * s.epochs
+    total_steps = (planned_total(out) if resume else None) or s.max_steps or steps_per_epoch * s.epochs
     scheduler = warmup_cosine(optimizer, s.warmup_steps, total_steps)
     wrapped, optimizer = accelerator.prepare(objective, optimizer)
 
@@ -259,6 +270,7 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
     samples, padded, positions, tick = 0, 0, 0, time.perf_counter()
     cut, answers = 0, 0  # stage 2: answers cut at max_answer_tokens, of all answers trained on
     last_good = last
+    budget = TimeBudget(s.time_budget_s, total_steps) if s.time_budget_s and not planned_total(out) else None
     while position.step < total_steps and position.epoch < s.epochs:
         sampler.set_epoch(position.epoch)
         sampler.skip = position.batch_in_epoch
@@ -293,6 +305,10 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
             optimizer.zero_grad(set_to_none=True)
             position.step += 1
             bar.update(1)
+            if budget is not None and (fitted := budget.after_step(position.step)) is not None:
+                fitted = broadcast_object_list([fitted])[0]  # every process trains the main one's plan
+                if fitted < total_steps:
+                    total_steps = _fit_to_budget(budget, fitted, scheduler, s, stage, out, accelerator, bar)
             if position.step % config.train.log_every == 0 or position.step == total_steps:
                 elapsed = time.perf_counter() - tick
                 # mean over processes, so the log shows the global batch's loss
@@ -344,12 +360,25 @@ def _accumulation(batch_in_epoch: int, batches: int, grad_accum: int) -> tuple[i
                                                           or batch_in_epoch == batches)
 
 
+def _fit_to_budget(budget: TimeBudget, fitted: int, scheduler, s, stage: int, out: Path, accelerator,
+                   bar) -> int:
+    """Train `fitted` steps instead of the plan's, over a redrawn schedule; say so and remember it."""
+    accelerator.print(f"\nstage {stage}: {budget.seconds_per_step:.2f} s/step here; {budget.total_steps} steps "
+                      f"would overrun stage{stage}.time_budget_s={s.time_budget_s:g}: training {fitted} steps")
+    redraw_schedule(scheduler, s.warmup_steps, fitted)
+    if accelerator.is_main_process:
+        save_plan(out, fitted, budget.seconds_per_step, s.time_budget_s)
+    bar.total = fitted
+    return fitted
+
+
 def _step_loss(wrapped, batch: dict, stage: int, device) -> dict:
     features = batch["features"].to(device, non_blocking=True)
     if stage == 1:
         return wrapped(features, batch["captions"], batch["image_keys"])
+    qformer_text = {k: v.to(device) for k, v in batch.items() if k.startswith("qformer_")}  # instruction-aware
     out = wrapped(features, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                  batch["image_mask"].to(device), batch["labels"].to(device))
+                  batch["image_mask"].to(device), batch["labels"].to(device), **qformer_text)
     return {"loss": out.loss}
 
 

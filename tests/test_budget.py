@@ -1,0 +1,82 @@
+"""Time budgets (`stage*.time_budget_s`): the plan shrinks to what this machine can do in time."""
+
+import json
+
+import pytest
+import torch
+from helpers import write_shapes_dataset
+
+from qvlm.config import get_preset
+from qvlm.train import budget as budget_module
+from qvlm.train.budget import TimeBudget
+from qvlm.train.optim import redraw_schedule, warmup_cosine
+from qvlm.train.trainer import train
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _run(budget: TimeBudget, clock: FakeClock, steps: int, seconds_per_step: float) -> list[int]:
+    decisions = []
+    for step in range(1, steps + 1):
+        clock.now += seconds_per_step
+        if (total := budget.after_step(step)) is not None:
+            decisions.append(total)
+    return decisions
+
+
+def test_budget_cuts_the_plan_to_the_steps_that_fit(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(budget_module.time, "perf_counter", clock)
+    budget = TimeBudget(seconds=100.0, total_steps=500, probe_from=2, probe_steps=8)
+    decisions = _run(budget, clock, steps=30, seconds_per_step=0.5)
+    assert budget.seconds_per_step == pytest.approx(0.5)
+    assert decisions == [200]  # decided once, at step 10: 100 s / 0.5 s per step
+
+
+def test_budget_keeps_a_plan_that_fits_and_never_cuts_below_the_floor(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(budget_module.time, "perf_counter", clock)
+    assert _run(TimeBudget(seconds=100.0, total_steps=150), clock, steps=30, seconds_per_step=0.5) == [150]
+    clock.now = 0.0
+    assert _run(TimeBudget(seconds=1.0, total_steps=150, min_steps=20), clock, steps=30,
+                seconds_per_step=0.5) == [20]
+
+
+def test_redrawn_schedule_decays_to_the_floor_at_the_new_end():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = warmup_cosine(optimizer, warmup_steps=2, total_steps=100)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    before = scheduler.get_last_lr()[0]
+    redraw_schedule(scheduler, warmup_steps=2, total_steps=20)
+    lrs = []
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    assert lrs[-1] == pytest.approx(0.1)  # at step 20 the new schedule ends at 10% of the peak
+    assert before > lrs[0] > lrs[-1]
+
+
+def test_training_over_budget_trains_fewer_steps_and_resume_keeps_the_plan(tmp_path, monkeypatch):
+    monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
+    data, val = write_shapes_dataset(tmp_path / "shapes")
+    # A budget no machine meets: the plan falls to the floor of 20 steps once steps 2..10 are timed.
+    config = get_preset("tiny").override(["stage1.max_steps=200", "stage1.epochs=1000",
+                                          "stage1.time_budget_s=0.001", "train.save_every=1000"])
+    train(config, 1, str(data), tmp_path / "run", val=str(val))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert max(steps) == plan["total_steps"] == 20
+    # A resumed run (after a crash, say) continues the same plan instead of the config's 200 steps.
+    train(config, 1, str(data), tmp_path / "run", val=str(val), resume=True)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 20

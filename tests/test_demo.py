@@ -26,3 +26,16 @@ def test_demo_smoke_runs_end_to_end(tmp_path, capsys):
     image = next((out / "data" / "images" / "test").iterdir())
     assert main(["ask", str(out / "run"), str(image), "what color is the shape?", "--json"]) == 0
     assert "text" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_demo_takes_seed_and_overrides_and_rejects_a_bad_one_before_any_work(tmp_path):
+    from qvlm.config import ConfigError
+    from qvlm.demo import PLANS, demo_config, run_demo
+
+    config = demo_config(PLANS["default"], "default", seed=3, overrides=["stage2.mixed_precision=fp32",
+                                                                          "stage2.max_steps=7"])
+    assert config.train.seed == 3 and config.stage2.mixed_precision == "fp32"
+    assert config.stage2.max_steps == 7  # --set wins over the plan
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        run_demo(tmp_path / "demo", "default", overrides=["stage2.mixed_precision=no"])
+    assert not (tmp_path / "demo").exists()

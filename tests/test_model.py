@@ -185,3 +185,22 @@ def test_load_errors_are_clear(tiny_config, tmp_path):
     (tmp_path / "m" / "model.safetensors").write_bytes((tmp_path / "n" / "model.safetensors").read_bytes())
     with pytest.raises(QVLMError, match="do not match"):
         QVLM.from_pretrained(tmp_path / "m")
+
+
+def test_closing_a_stream_stops_its_generation(tiny_config, tiny_images):
+    """A client that leaves mid-stream must not keep the model busy until max_new_tokens."""
+    model = QVLM.build(tiny_config).eval()
+    generate, produced = model.lm.generate, []
+
+    def full_length_generate(**kwargs):  # no early EOS: only the stop can end it before 200 tokens
+        out = generate(**kwargs, min_new_tokens=kwargs["max_new_tokens"])
+        produced.append(out.shape[1])
+        return out
+
+    model.lm.generate = full_length_generate
+    pieces = model.stream(tiny_images[0], "Describe this image.", max_new_tokens=200)
+    next(pieces)
+    pieces.close()
+    assert model._generate_lock.acquire(timeout=30)  # the generation thread let go of the model
+    model._generate_lock.release()
+    assert produced and produced[0] < 200

@@ -21,7 +21,13 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from qvlm import hub
 from qvlm.config import LMConfig, QVLMConfig
@@ -213,7 +219,9 @@ class QVLM(nn.Module):
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         with torch.no_grad():
             inputs = self._generation_inputs(features, [user_text])
-        kwargs = {**inputs, **self._generation_kwargs(**gen), "streamer": streamer}
+        stop = threading.Event()  # set when the caller stops reading (a client that left)
+        kwargs = {**inputs, **self._generation_kwargs(**gen), "streamer": streamer,
+                  "stopping_criteria": StoppingCriteriaList([_StopWhenSet(stop)])}
         errors: list[BaseException] = []
 
         def run() -> None:
@@ -226,7 +234,10 @@ class QVLM(nn.Module):
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        yield from (piece for piece in streamer if piece)
+        try:
+            yield from (piece for piece in streamer if piece)
+        finally:  # closed early: stop generating at the next token and free the model for the next job
+            stop.set()
         worker.join()
         if errors:
             raise errors[0]
@@ -325,6 +336,16 @@ class QVLM(nn.Module):
                     raise RuntimeError(f"LoRA weights do not fit the LM (unexpected: {result.unexpected_keys})")
         except RuntimeError as e:
             raise QVLMError(f"{source}: weights do not match the config: {str(e).splitlines()[0]}") from e
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation once `event` is set (every row of the batch)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def model_folder(path: Path) -> Path:

@@ -146,9 +146,7 @@ class ModelWorker:
             pieces.append(piece)
             job.on_piece(piece)
             if job.cancelled.is_set():
-                # generate() finishes in model.stream's own thread (bounded by max_new_tokens) and holds the
-                # model's lock meanwhile, so the next job simply waits for it.
-                break
+                break  # closing model.stream's generator stops its generation at the next token
         job.future.set_result(self._result(job, "".join(pieces).strip()))
 
     def _result(self, job: Job, text: str) -> Result:

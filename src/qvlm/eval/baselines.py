@@ -134,7 +134,8 @@ def load_text_encoder(model: QVLM) -> torch.nn.Module:
     if cfg.random_init is not None:  # same seed as QFormer.build: the very weights the Q-Former started from
         encoder = random_model(AutoModel, cfg.random_init)
     else:
-        encoder = hub.from_pretrained(AutoModel.from_pretrained, cfg.name, "Q-Former text encoder")
+        encoder = hub.from_pretrained(AutoModel.from_pretrained, cfg.name, "Q-Former text encoder",
+                                     use_safetensors=True)
     return encoder.to(model.device).eval()
 
 

@@ -183,7 +183,8 @@ class QFormer(nn.Module):
             encoder = random_model(AutoModel, cfg.random_init, device=device)
             tokenizer = tiny_text_tokenizer()
         else:
-            encoder = hub.from_pretrained(AutoModel.from_pretrained, cfg.name, "Q-Former text encoder")
+            encoder = hub.from_pretrained(AutoModel.from_pretrained, cfg.name, "Q-Former text encoder",
+                                         use_safetensors=True)
             tokenizer = hub.from_pretrained(AutoTokenizer.from_pretrained, cfg.name, "Q-Former tokenizer")
         spec = TextEncoderSpec.from_config(encoder.config)
         with torch.device(device):

@@ -1,5 +1,7 @@
 """The model core (issue 2): masks, labels, overfitting, freezing, save/load, batched generation."""
 
+import time
+
 import pytest
 import torch
 from helpers import train_stage2_steps
@@ -192,8 +194,16 @@ def test_closing_a_stream_stops_its_generation(tiny_config, tiny_images):
     model = QVLM.build(tiny_config).eval()
     generate, produced = model.lm.generate, []
 
+    space = model.tokenizer(" ", add_special_tokens=False).input_ids[-1]
+
+    def slow_spaces(input_ids, scores):
+        """10 ms a token (the tiny LM would finish before the reader stops), and always a space, so the
+        streamer hands out text at once (it holds text back until a word ends)."""
+        time.sleep(0.01)
+        return torch.full_like(scores, -float("inf")).index_fill_(1, torch.tensor([space]), 0.0)
+
     def full_length_generate(**kwargs):  # no early EOS: only the stop can end it before 200 tokens
-        out = generate(**kwargs, min_new_tokens=kwargs["max_new_tokens"])
+        out = generate(**kwargs, min_new_tokens=kwargs["max_new_tokens"], logits_processor=[slow_spaces])
         produced.append(out.shape[1])
         return out
 

@@ -147,13 +147,18 @@ class _Echo:
         return list(self.targets) if self.perfect else ["nothing at all"] * len(prompts)
 
 
-def test_stage2_generation_scores_vqa_by_accuracy_and_captions_by_caption_metrics(shapes, tmp_path, tiny_config):
+def _validation_data(shapes, tmp_path, tiny_config):
+    """The shapes validation split from the feature cache, and its stage-2 collator."""
     model = QVLM.build(tiny_config, stage=2)
     cache = FeatureCache(tmp_path / "features", model.vision)
     records = list(read_records(str(shapes[1])))
     cache.build(records, progress=False)
-    val_set = InstructionDataset(records, cache=cache)
     collate = Stage2Collator(model.tokenizer, tiny_config.qformer.num_queries, max_answer_tokens=16)
+    return InstructionDataset(records, cache=cache), collate
+
+
+def test_stage2_generation_scores_vqa_by_accuracy_and_captions_by_caption_metrics(shapes, tmp_path, tiny_config):
+    val_set, collate = _validation_data(shapes, tmp_path, tiny_config)
     scores = {}
     for perfect in (True, False):
         echo = _Echo(tiny_config, perfect)
@@ -167,14 +172,10 @@ def test_stage2_generation_scores_vqa_by_accuracy_and_captions_by_caption_metric
 def test_without_caption_metrics_captions_are_validated_by_loss_only(shapes, tmp_path, tiny_config, monkeypatch):
     """pycocoevalcap is an extra (qvlm[eval]): training must not need it."""
     monkeypatch.setattr(trainer, "has_caption_metrics", lambda: False)
-    model = QVLM.build(tiny_config, stage=2)
-    cache = FeatureCache(tmp_path / "features", model.vision)
-    records = list(read_records(str(shapes[1])))
-    cache.build(records, progress=False)
+    val_set, collate = _validation_data(shapes, tmp_path, tiny_config)
     echo = _Echo(tiny_config, perfect=True)
-    collate = Stage2Collator(model.tokenizer, tiny_config.qformer.num_queries, max_answer_tokens=16)
-    scores = trainer._generation_scores(echo, InstructionDataset(records, cache=cache), echo.collate(collate),
-                                        batch_size=4, device="cpu", batches=4)
+    scores = trainer._generation_scores(echo, val_set, echo.collate(collate), batch_size=4, device="cpu",
+                                        batches=4)
     assert scores == {"val_vqa_accuracy": 1.0}
 
 

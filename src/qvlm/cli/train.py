@@ -8,7 +8,6 @@ from pathlib import Path
 from qvlm.config import QVLMConfig, get_preset
 from qvlm.console import warn
 from qvlm.errors import QVLMError
-from qvlm.extras import require
 
 
 def register(subparsers) -> None:
@@ -64,8 +63,6 @@ def run(args) -> int:
     init = getattr(args, "init", None)
     if stage == 2 and init and not Path(init).exists():
         raise QVLMError(f"--init {init}: no such stage-1 run folder")
-    if stage == 2 and args.val:  # checked now, not at the first validation minutes into training
-        require("pycocoevalcap", "stage-2 validation (--val), which scores captions,")
     if stage == 2 and not init and os.environ.get("RANK", "0") == "0":  # once under torchrun / accelerate
         warn("stage 2 without --init: the Q-Former has never been aligned with images (that is stage 1), "
              "so captions and answers will be much worse. Train stage 1 first and pass --init STAGE1_RUN, "

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -146,6 +149,29 @@ class FeatureCache:
         return (f"feature cache {s['dir']}: {s['images']} images, {s['bytes'] / 2**20:.1f} MiB, "
                 f"{s['hits']} hits / {s['misses']} misses (hit rate {100 * s['hit_rate']:.1f}%)")
 
+    # -- size and disk space ---------------------------------------------------------------------
+
+    def bytes_per_image(self) -> int:
+        """Disk bytes one image adds: fp16 features `[P, Dv]` plus its index entry. The shape comes from
+        the cache, else from encoding one blank image."""
+        if self._shape is None:
+            if self.encoder is None:
+                raise DataError("sizing the feature cache needs the vision encoder")
+            from PIL import Image
+
+            with torch.inference_mode():
+                features = self.encoder(self.encoder.preprocess([Image.new("RGB", (64, 64))]).to(self.encoder.device))
+            self._shape = list((features[0] if isinstance(features, (tuple, list)) else features).shape[1:])
+        return 2 * math.prod(self._shape) + INDEX_BYTES_PER_IMAGE
+
+    def plan(self, images: int | None, exact: bool = True) -> CachePlan:
+        """What caching `images` images would take (beyond the images already cached) and the disk free."""
+        folder = self.root
+        while not folder.exists():  # the cache root may not exist yet: measure the disk it will be on
+            folder = folder.parent
+        needed = None if images is None else max(0, images - len(self)) * self.bytes_per_image()
+        return CachePlan(images, exact, needed, shutil.disk_usage(folder).free, str(self.dir))
+
     # -- building -------------------------------------------------------------------------------
 
     def build(self, records: Iterable[Record], batch_size: int = 64, progress: bool = True) -> SkipCounter:
@@ -178,6 +204,42 @@ class FeatureCache:
             self._entries[key] = (name, row)
         self._shape = list(features.shape[1:])
         self._write_index()
+
+
+INDEX_BYTES_PER_IMAGE = 128  # its index.json entry: sha256 + shard name + row
+DISK_MARGIN = 1.25  # `auto` caches only when the estimate × this fits the free disk (checkpoints, logs)
+
+
+@dataclass
+class CachePlan:
+    """A feature cache's estimated growth against the free disk (`FeatureCache.plan`)."""
+
+    images: int | None  # images to cache; None: unknown (a hub stream)
+    exact: bool  # False: extrapolated (e.g. from the first `pipe:` shard)
+    needed: int | None  # bytes the build would add
+    free: int  # bytes free on the cache's disk
+    folder: str
+
+    def fits(self, margin: float = 1.0) -> bool:
+        return self.needed is not None and self.needed * margin <= self.free
+
+    def describe(self) -> str:
+        if self.needed is None:
+            return f"feature cache {self.folder}: size unknown (the number of images is unknown)"
+        about = "" if self.exact else "about "
+        return (f"feature cache {self.folder}: {about}{self.images:,} images, estimated {_gib(self.needed)} to add; "
+                f"{_gib(self.free)} free on its disk")
+
+    def check(self) -> None:
+        """Raise `DataError` when the disk cannot hold the cache (unknown sizes cannot be checked)."""
+        if self.needed is not None and not self.fits():
+            raise DataError(f"{self.describe()}: the disk cannot hold it. Free space, point "
+                            "train.feature_cache at a larger disk, or encode on the fly with "
+                            "--set train.features=online")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 class _Builder:

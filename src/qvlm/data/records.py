@@ -6,12 +6,16 @@
 - a CSV/TSV table (`*.csv`, `*.tsv`) with the same columns (`captions`/`answers` as a JSON list or
   `|`-separated);
 - WebDataset tar shards as img2dataset writes them (`dir/{00000..00099}.tar`, a single `.tar`, a glob,
-  or a folder of `.tar` files): `<key>.jpg` + `<key>.txt` and/or `<key>.json` with "caption";
-- a Hugging Face `datasets` folder (`save_to_disk` output) with an image column.
+  a folder of `.tar` files, or `pipe:COMMAND` writing a tar to stdout, braces expanded as in webdataset):
+  `<key>.jpg` + `<key>.txt` and/or `<key>.json` with "caption";
+- a Hugging Face `datasets` folder (`save_to_disk` output) with an image column;
+- an `imagefolder` folder (the Hugging Face convention): images plus `metadata.jsonl` or `metadata.csv`
+  naming each image in `file_name`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import glob
@@ -19,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -111,9 +116,13 @@ def read_records(spec: str | Path, skips: SkipCounter | None = None) -> Iterator
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() \
                 or (path / "state.json").exists():
             return read_hf_dataset(path, skips=skips)
+        metadata = imagefolder_metadata(path)
+        if metadata is not None:
+            return read_records(metadata, skips=skips)
         if any(path.glob("*.tar")):
             return iter_shards(expand_shards(spec), skips=skips)
-        raise DataError(f"{spec}: a folder must be a Hugging Face datasets folder or hold .tar shards")
+        raise DataError(f"{spec}: a folder must be a Hugging Face datasets folder, an imagefolder (images + "
+                        "metadata.jsonl or metadata.csv) or hold .tar shards")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return read_jsonl(path, skips=skips)
@@ -130,13 +139,18 @@ _HUB_ID_HINT = (
     "(pip install 'qvlm[datasets]'), then pass --data data/hub (a DatasetDict folder reads its train split)")
 
 
+def imagefolder_metadata(folder: Path) -> Path | None:
+    """The `metadata.jsonl` / `metadata.csv` of an imagefolder (its `file_name` column names the images)."""
+    return next((folder / name for name in ("metadata.jsonl", "metadata.csv") if (folder / name).is_file()), None)
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     """`owner/name` with no file suffix: what a hub dataset id looks like (and no local path does here)."""
     return re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None and not Path(spec).suffix
 
 
 def _looks_like_shards(spec: str) -> bool:
-    return spec.endswith(".tar") or ("{" in spec and ".." in spec) or any(c in spec for c in "*?[")
+    return spec.startswith("pipe:") or spec.endswith(".tar") or ("{" in spec and ".." in spec) or any(c in spec for c in "*?[")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,7 +279,10 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def expand_shards(spec: str) -> list[str]:
-    """The shard paths of a brace pattern, glob, single tar or folder of tars, in order."""
+    """The shard paths of a brace pattern, glob, single tar or folder of tars, in order; `pipe:`
+    commands (webdataset's convention) have their braces expanded and are never globbed."""
+    if spec.startswith("pipe:"):
+        return expand_braces(spec)
     if os.path.isdir(spec):
         return sorted(glob.glob(os.path.join(spec, "*.tar")))
     paths: list[str] = []
@@ -340,7 +357,7 @@ def _iter_tar(shard: str, skips: SkipCounter | None) -> Iterator[Record]:
     current: str | None = None
     files: dict[str, bytes] = {}
     try:
-        with tarfile.open(shard, mode="r|*") as tar:  # streaming: no seeking, works on pipes
+        with _open_tar(shard) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -355,6 +372,31 @@ def _iter_tar(shard: str, skips: SkipCounter | None) -> Iterator[Record]:
         _count(skips, "bad_shard", f"{shard}: {e}")  # a cut-off download: keep what was read
     if current is not None:
         yield from _sample_from_files(shard, current, files, skips)
+
+
+@contextlib.contextmanager
+def _open_tar(shard: str) -> Iterator[tarfile.TarFile]:
+    """A tar opened for streaming (no seeking): a file, or the stdout of a `pipe:` command."""
+    if not shard.startswith("pipe:"):
+        with tarfile.open(shard, mode="r|*") as tar:
+            yield tar
+        return
+    command = shard.removeprefix("pipe:")
+    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    finished = False
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|*") as tar:
+            yield tar
+        finished = True
+    finally:
+        proc.stdout.close()
+        if not finished:
+            proc.kill()  # a reader that stopped early (or failed) must not leave the command running
+        error = proc.stderr.read().decode(errors="replace").strip()
+        proc.stderr.close()
+        code = proc.wait()
+    if code != 0:
+        raise OSError(f"`{command}` exited with {code}: {error[-300:]}")
 
 
 def _sample_from_files(shard: str, key: str, files: dict[str, bytes],
@@ -408,19 +450,45 @@ class ShardStream(IterableDataset):
 def read_hf_dataset(path: str | Path, split: str | None = None, image_column: str | None = None,
                     skips: SkipCounter | None = None) -> Iterator[Record]:
     """Records of a `save_to_disk` folder (a Dataset, or a DatasetDict: `split`, default "train")."""
-    try:
-        import datasets  # optional: only needed for this format
-    except ImportError as e:
-        raise missing_extra(e, f"reading {path} (a Hugging Face datasets folder)", extra="datasets") from e
+    ds = load_hf_folder(path, split, image_column)
+    return hf_rows_to_records(ds, Path(path).name, skips=skips)
+
+
+def load_hf_folder(path: str | Path, split: str | None = None, image_column: str | None = None) -> Any:
+    """A `save_to_disk` folder as a memory-mapped `datasets.Dataset` whose image column is `image`, kept
+    encoded (bytes, not decoded)."""
+    datasets = import_datasets(f"reading {path} (a Hugging Face datasets folder)")
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         split = split or ("train" if "train" in ds else next(iter(ds)))
         ds = ds[split]
+    return encoded_images(ds, image_column)
+
+
+def import_datasets(purpose: str) -> Any:
+    try:
+        import datasets  # optional: only needed for this format
+    except ImportError as e:
+        raise missing_extra(e, purpose, extra="datasets") from e
+    return datasets
+
+
+def encoded_images(ds: Any, image_column: str | None = None) -> Any:
+    """`ds` (Dataset or IterableDataset) with its image column renamed `image` and left encoded."""
+    import datasets
+
     column = image_column or _find_image_column(ds)
-    ds = ds.cast_column(column, datasets.Image(decode=False))  # keep the encoded bytes
-    for row_no, row in enumerate(ds):
-        key = f"{Path(path).name}:{row_no}"
-        image = row.pop(column) or {}
+    if column != "image":
+        ds = ds.rename_column(column, "image")
+    return ds.cast_column("image", datasets.Image(decode=False))  # keep the encoded bytes
+
+
+def hf_rows_to_records(rows: Iterable[dict], name: str, skips: SkipCounter | None = None,
+                       first_row: int = 0) -> Iterator[Record]:
+    """Records of `datasets` rows whose `image` is `{"bytes", "path"}`; keys `<name>:<row number>`."""
+    for row_no, row in enumerate(rows, start=first_row):
+        key = f"{name}:{row_no}"
+        image = row.pop("image") or {}
         try:
             data = image.get("bytes") or (Path(image["path"]).read_bytes() if image.get("path") else None)
         except OSError:
@@ -441,13 +509,13 @@ def read_hf_dataset(path: str | Path, split: str | None = None, image_column: st
 def _find_image_column(ds: Any) -> str:
     import datasets
 
-    for name, feature in ds.features.items():
+    for name, feature in (ds.features or {}).items():  # a streamed hub dataset may not know its features
         if isinstance(feature, datasets.Image):
             return name
     for name in ("image", "img", "jpg", "png"):
-        if name in ds.column_names:
+        if name in (ds.column_names or ()):
             return name
-    raise DataError(f"no image column among {ds.column_names}")
+    raise DataError(f"no image column among {ds.column_names}: name it with an Image feature or `image`")
 
 
 def load_records(spec: str | Path, skips: SkipCounter | None = None) -> list[Record]:

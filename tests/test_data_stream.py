@@ -15,7 +15,7 @@ import torch
 from helpers import shape_image
 from torch.utils.data import DataLoader
 
-from qvlm.data.cache import DISK_MARGIN, FeatureCache
+from qvlm.data.cache import DISK_MARGIN, FeatureCache, choose_features
 from qvlm.data.images import DataError
 from qvlm.data.records import load_records
 from qvlm.data.stream import (
@@ -233,3 +233,33 @@ def test_cache_plan_estimates_size_and_refuses_a_disk_too_small(tmp_path, monkey
         small.check()
     assert not cache.plan(1000).fits(DISK_MARGIN)
     assert os.listdir(tmp_path) == []  # sizing wrote nothing
+
+
+def test_feature_mode_auto_says_which_and_why(tmp_path, monkeypatch):
+    cache = FeatureCache(tmp_path / "cache", _Encoder())
+    roomy = cache.plan(1000)
+    assert choose_features("auto", roomy)[0] == "cache" and "fits the free disk" in choose_features("auto", roomy)[1]
+    assert choose_features("online", roomy)[0] == "online"
+    tight = roomy.__class__(1000, True, roomy.needed, int(roomy.needed * 1.1), roomy.folder)  # fits, no margin
+    assert choose_features("cache", tight)[0] == "cache"
+    mode, why = choose_features("auto", tight)
+    assert mode == "online" and "does not fit the free disk with a 25% margin" in why and "1,000 images" in why
+    unknown = cache.plan(None)
+    assert choose_features("auto", unknown)[0] == "online" and "cannot be estimated" in choose_features("auto", unknown)[1]
+
+
+def test_online_features_equal_cached_ones(tmp_path, tiny_config):
+    """The cache stores what the encoder computes online, rounded to fp16."""
+    from qvlm.data.records import Record
+    from qvlm.models.vision import FrozenVisionEncoder
+
+    encoder = FrozenVisionEncoder.build(tiny_config.vision)
+    records = [Record(key=str(i), image_bytes=png(i), captions=["c"]) for i in range(6)]
+    cache = FeatureCache(tmp_path / "cache", encoder)
+    cache.build(records, progress=False)
+    cached = cache.get([r.content_hash() for r in records])
+    with torch.inference_mode():
+        online = encoder(encoder.preprocess([r.open_image() for r in records]))
+    assert cached.shape == online.shape
+    torch.testing.assert_close(cached, online.float(), rtol=2e-3, atol=2e-3)
+    assert cache.bytes_per_image() == 2 * online[0].numel() + 128

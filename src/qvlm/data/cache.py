@@ -238,6 +238,26 @@ class CachePlan:
                             "--set train.features=online")
 
 
+def choose_features(mode: str, plan: CachePlan) -> tuple[str, str]:
+    """`train.features` resolved to "cache" or "online", with the reason to print.
+
+    "cache" refuses (`DataError`) when the estimate exceeds the free disk; "auto" takes the cache only
+    when the estimate × `DISK_MARGIN` fits (checkpoints and logs need room too), else encodes online.
+    """
+    if mode == "online":
+        return "online", "features: online (train.features=online): the encoder runs on each batch in the step"
+    if mode == "cache":
+        plan.check()
+        return "cache", f"features: cache (train.features=cache); {plan.describe()}"
+    if plan.fits(DISK_MARGIN):
+        return "cache", (f"features: cache (train.features=auto: the estimate fits the free disk with a "
+                         f"{DISK_MARGIN - 1:.0%} margin); {plan.describe()}")
+    why = "its size cannot be estimated" if plan.needed is None else \
+        f"the estimate does not fit the free disk with a {DISK_MARGIN - 1:.0%} margin"
+    return "online", (f"features: online (train.features=auto: {why}; the encoder runs on each batch in the "
+                      f"step); {plan.describe()}")
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 

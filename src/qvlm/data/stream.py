@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from qvlm.data.images import DEFAULT_MAX_CAPTION_CHARS, BadSample, DataError, SkipCounter, clean_caption
 from qvlm.data.prompts import CAPTION_PROMPTS, sample_caption_prompt, vqa_prompt
@@ -284,13 +284,13 @@ class StreamingBatches(IterableDataset):
     """Collated training batches from a stream of shards, for `DataLoader(stream, batch_size=None)`.
 
     `image_fields(record)` gives `{"features": [P, Dv]}` (feature cache) or `{"pixel_values": [3, H, W]}`
-    (online), or raises `BadSample`; `collate` is the stage's collator. Each batch also holds
+    (online), or raises `BadSample`; `collate` is the stage's collator (or given to `loader`). Each batch also holds
     `stream_position`: `[consumer, consumers, epoch, samples drawn]` after it (`StreamPosition.advance`). A consumer's last samples of an
     epoch that do not fill a batch are dropped (as `drop_last`).
     """
 
     def __init__(self, shards: list[Shard], stage: int, image_fields: Callable[[Record], dict],
-                 collate: Callable[[list], dict], batch_size: int, seed: int = 0, buffer_size: int = 1000,
+                 collate: Callable[[list], dict] | None, batch_size: int, seed: int = 0, buffer_size: int = 1000,
                  caption_prompts: list[str] | None = None, rank: int | None = None, world_size: int | None = None,
                  skips: SkipCounter | None = None):
         super().__init__()
@@ -303,6 +303,11 @@ class StreamingBatches(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.skips = skips if skips is not None else SkipCounter("samples")
         self.state = StreamPosition()
+
+    def loader(self, collate: Callable[[list], dict], num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+        """The DataLoader training reads: batches made (decoded, collated) in `num_workers` workers."""
+        self.collate = collate
+        return DataLoader(self, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
 
     def set_state(self, state: StreamPosition) -> None:
         """Start each consumer where a checkpointed run left it."""

@@ -9,7 +9,7 @@ from helpers import write_shapes_dataset
 from qvlm.config import get_preset
 from qvlm.train import budget as budget_module
 from qvlm.train.budget import TimeBudget
-from qvlm.train.optim import redraw_schedule, warmup_cosine
+from qvlm.train.optim import build_schedule, redraw_schedule
 from qvlm.train.trainer import train
 
 
@@ -48,22 +48,32 @@ def test_budget_keeps_a_plan_that_fits_and_never_cuts_below_the_floor(monkeypatc
                 seconds_per_step=0.5) == [20]
 
 
-def test_redrawn_schedule_decays_to_the_floor_at_the_new_end():
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=1.0)
-    scheduler = warmup_cosine(optimizer, warmup_steps=2, total_steps=100)
-    for _ in range(10):
-        optimizer.step()
-        scheduler.step()
-    before = scheduler.get_last_lr()[0]
-    redraw_schedule(scheduler, warmup_steps=2, total_steps=20)
+def _lrs(scheduler, optimizer, steps: int) -> list[float]:
     lrs = []
-    for _ in range(10):
+    for _ in range(steps):
         optimizer.step()
         scheduler.step()
         lrs.append(scheduler.get_last_lr()[0])
-    assert lrs[-1] == pytest.approx(0.1)  # at step 20 the new schedule ends at 10% of the peak
-    assert before > lrs[0] > lrs[-1]
+    return lrs
+
+
+@pytest.mark.parametrize("kind, floor", [("warmup_cosine", 0.1), ("hf_cosine", 0.0), ("constant", 1.0)])
+def test_redrawn_schedule_of_every_kind_ends_where_a_schedule_of_the_new_total_does(kind, floor):
+    """A time budget cuts 100 planned steps to 20 after step 10: the next 10 steps follow the schedule
+    of a 20-step plan (warm-up untouched), whatever the kind."""
+    stage = get_preset("tiny").override([f"stage1.schedule={kind}", "stage1.warmup_steps=2"]).stage1
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = build_schedule(optimizer, stage, total_steps=100)
+    before = _lrs(scheduler, optimizer, 10)
+    redraw_schedule(scheduler, warmup_steps=2, total_steps=20)
+    after = _lrs(scheduler, optimizer, 10)
+    fresh = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    planned = _lrs(build_schedule(fresh, stage, total_steps=20), fresh, 20)
+    assert after == pytest.approx(planned[10:])
+    assert after[-1] == pytest.approx(floor)  # at step 20 the schedule ends at its floor
+    if kind != "constant":
+        assert before[-1] > after[0] > after[-1]  # decaying faster than the 100-step plan did
 
 
 def test_training_over_budget_trains_fewer_steps_and_resume_keeps_the_plan(tmp_path, monkeypatch):

@@ -23,7 +23,9 @@ class ConfigError(ValueError):
 # Fields (by name, in any section) that take one of a few words: named in the error for a wrong value.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # not "no": YAML reads a bare no as false
 CHOICES = {"mixed_precision": PRECISIONS, "precision": PRECISIONS, "itc_pooling": ("mean_cls", "max"),
-           "dtype": ("float32", "bfloat16", "float16"), "image_position": ("before", "after")}
+           "dtype": ("float32", "bfloat16", "float16"), "image_position": ("before", "after", "after_turn"),
+           "optimizer": ("adam", "adamw"), "decay_scope": ("matrices", "all"),
+           "schedule": ("constant", "warmup_cosine", "hf_cosine"), "features": ("auto", "cache", "online")}
 
 
 @dataclass
@@ -66,7 +68,8 @@ class LMConfig:
     lora_alpha: int = 128
     lora_dropout: float = 0.1
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    # Where the Nq image embeddings go inside the user turn: "before" or "after" the text.
+    # Where the Nq image embeddings go: "before" or "after" the text inside the user turn, or "after_turn":
+    # after the user turn ends, before the assistant turn (the article's layout).
     image_position: str = "before"
     system_prompt: str | None = None  # None: no system turn (shorter sequences train faster)
 
@@ -78,7 +81,16 @@ class Stage1Config:
     grad_accum: int = 1
     lr_pretrained: float = 1e-5  # copied text layers and embeddings
     lr_new: float = 1e-4  # queries, cross-attention, heads
+    # "adamw" (decoupled decay) or "adam" (torch.optim.Adam: a weight_decay > 0 is an L2 term in the gradient)
+    optimizer: str = "adamw"
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     weight_decay: float = 0.05
+    # Which tensors weight_decay reaches: "matrices" (≥ 2-D, less the query tokens, embedding tables and
+    # the temperature) or "all" (every trainable tensor, as AdamW(model.parameters()) does).
+    decay_scope: str = "matrices"
+    # Learning rate over the steps: "constant"; "warmup_cosine" (linear warm-up from lr/(warmup+1), cosine
+    # to 10% of the lr); "hf_cosine" (transformers' get_cosine_schedule_with_warmup: warm-up from 0, cosine to 0).
+    schedule: str = "warmup_cosine"
     warmup_steps: int = 100
     max_steps: int | None = None  # stop early (tests, smoke runs)
     # Wall seconds for the training steps: the first steps are timed and, if the plan would overrun,
@@ -87,7 +99,7 @@ class Stage1Config:
     itc_weight: float = 1.0
     itm_weight: float = 0.0
     itg_weight: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # max global gradient norm; null or 0: no clipping
     mixed_precision: str = "auto"  # auto (bf16 on GPUs, on CPUs where measured faster) | fp32 | bf16 | fp16
 
 
@@ -99,13 +111,30 @@ class Stage2Config:
     lr_qformer: float = 1e-4
     lr_adapter_lora: float = 5e-4
     train_qformer: bool = True
+    optimizer: str = "adamw"  # as stage1.optimizer, ...
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     weight_decay: float = 0.0
+    decay_scope: str = "matrices"
+    schedule: str = "warmup_cosine"  # ... and stage1.schedule
     warmup_steps: int = 100
     max_steps: int | None = None
     time_budget_s: float | None = None  # as stage1.time_budget_s
-    grad_clip: float = 1.0
-    max_answer_tokens: int = 48
+    grad_clip: float | None = 1.0  # as stage1.grad_clip
+    # An answer longer than this is cut (without its EOS). null: never cut (the article's code).
+    max_answer_tokens: int | None = 48
     mixed_precision: str = "auto"  # as stage1.mixed_precision
+
+
+@dataclass
+class GenerationConfig:
+    """Default decoding of a trained model for `qvlm caption/ask/eval/report`, the server and
+    evaluation; their own flags and request fields override it."""
+
+    max_new_tokens: int | None = None  # null: each command's own default (32 for captions, 16 for answers)
+    temperature: float = 0.0  # 0: greedy; > 0 samples (the article: 0.7)
+    top_p: float = 1.0  # nucleus sampling, when temperature > 0
+    repetition_penalty: float = 1.0  # 1: none (the article: 1.2)
+    num_beams: int = 1
 
 
 @dataclass
@@ -118,6 +147,13 @@ class TrainConfig:
     group_by_length: bool = True  # stage 2: batches of similar length, less padding (logged as pad_fraction)
     compile: bool = False  # torch.compile the training forward (first steps pay the compile; docs/training.md)
     feature_cache: str | None = None  # folder for cached patch features; None: under the run folder
+    # "cache": encode every image once into the feature cache before training (refused when the disk is
+    # too small); "online": encode each batch inside the step; "auto": the cache when it fits the free
+    # disk with a 25% margin, else online (docs/data.md#feature-cache)
+    features: str = "auto"
+    # Read --data shard by shard instead of as a list (docs/data.md#streaming): needs stageN.max_steps
+    stream: bool = False
+    shuffle_buffer: int = 1000  # streaming: samples each reader holds to shuffle within
     max_bad_fraction: float = 0.05  # stop if more than this share of samples cannot be decoded
     # Keep the model with the best value of this validation metric in RUN/best (needs --val): "val_loss"
     # (lower is better, as any *loss), "val_r1" (stage 1), "val_vqa_accuracy", "val_caption_cider". None: off.
@@ -133,6 +169,7 @@ class QVLMConfig:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,6 +196,10 @@ class QVLMConfig:
             raise ConfigError(f"{path} is not valid JSON/YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping at the top level")
+        if data.get("model_type") == "qvlm":  # a model folder's config.json (models/configuration.py)
+            from qvlm.models.configuration import QVLMPretrainedConfig
+
+            return QVLMPretrainedConfig.from_dict(data).to_qvlm_config()
         return cls.from_dict(data)
 
     def override(self, assignments: list[str]) -> QVLMConfig:
@@ -224,7 +265,8 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is str or text.startswith("str"):
-        if isinstance(value, str):
+        choices = CHOICES.get(key.rpartition(".")[2])
+        if isinstance(value, str) and (not choices or value in choices):
             return value
     elif "list" in text:
         if isinstance(value, list):
@@ -257,8 +299,38 @@ TINY_LM = {"model_type": "llama", "vocab_size": 262, "hidden_size": 32, "interme
            "initializer_range": 0.3}  # large enough that frozen random logits can become confident
 
 
+# The article's code (the reference) asks its LM this, in a system turn before the user's.
+ARTICLE_SYSTEM_PROMPT = "Answer the user's question truthfully"
+
+
 def _paper() -> QVLMConfig:
-    return QVLMConfig(preset="paper")
+    """The article exactly, as its code trains and samples (docs/training.md#the-recipe tabulates it)."""
+    return QVLMConfig(
+        preset="paper",
+        qformer=QFormerConfig(max_text_len=512),  # the reference truncates captions at DistilBERT's 512
+        lm=LMConfig(dtype="bfloat16", image_position="after_turn", system_prompt=ARTICLE_SYSTEM_PROMPT),
+        # torch.optim.Adam's defaults, constant lr, no clipping, no autocast
+        stage1=Stage1Config(optimizer="adam", adam_betas=[0.9, 0.999], weight_decay=0.0, schedule="constant",
+                            warmup_steps=0, grad_clip=None, mixed_precision="fp32"),
+        # torch.optim.AdamW's defaults (decay 0.01 on every tensor), transformers' cosine to 0, bf16
+        stage2=Stage2Config(adam_betas=[0.9, 0.999], weight_decay=0.01, decay_scope="all", schedule="hf_cosine",
+                            max_answer_tokens=None, mixed_precision="bf16"),
+        # the reference keeps its best model by validation loss, and shuffles batches (no length grouping)
+        train=TrainConfig(keep_best="val_loss", group_by_length=False),
+        generation=GenerationConfig(max_new_tokens=100, temperature=0.7, top_p=0.9, repetition_penalty=1.2),
+    )
+
+
+def _paper_plus() -> QVLMConfig:
+    """The article's architecture and data sizes with our training and decoding choices: warm-up + cosine
+    to 10%, AdamW with decay on matrices only, bf16 where it is faster, clipping in both stages, answers
+    capped at 48 tokens, the image inside the user turn with no system turn (shorter sequences), greedy
+    decoding, and the best model kept by validation loss."""
+    return QVLMConfig(
+        preset="paper-plus",
+        stage2=Stage2Config(weight_decay=0.01),  # the article's AdamW decay, on matrices only
+        train=TrainConfig(keep_best="val_loss"),
+    )
 
 
 def _offline() -> QVLMConfig:
@@ -291,7 +363,7 @@ def _tiny() -> QVLMConfig:
     )
 
 
-PRESETS = {"paper": _paper, "offline": _offline, "tiny": _tiny}
+PRESETS = {"paper": _paper, "paper-plus": _paper_plus, "offline": _offline, "tiny": _tiny}
 
 
 def get_preset(name: str) -> QVLMConfig:

@@ -1,7 +1,8 @@
 """`qvlm caption` and `qvlm ask`: generate text for image files with a stage-2 run.
 
 Images are decoded one by one (a bad file gives a per-image error, the others still run), then the
-good ones are generated for in batches. Greedy decoding unless --beams or --temperature say otherwise.
+good ones are generated for in batches. Decoding follows the run's `generation` config (greedy in every
+preset but `paper`, which samples as the article does); the flags override it, `--greedy` turns sampling off.
 """
 
 from __future__ import annotations
@@ -47,25 +48,51 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images per generation batch (default 8)")
 
 
+# flag (argparse dest) -> generation keyword and `generation` config field
+GENERATION_FLAGS = {"max_new_tokens": "max_new_tokens", "beams": "num_beams", "temperature": "temperature",
+                    "top_p": "top_p", "repetition_penalty": "repetition_penalty"}
+
+
 def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    g = p.add_argument_group("generation (greedy by default)")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                   help=f"default {max_new_tokens}")
-    g.add_argument("--beams", type=int, default=1, help="beam search with N beams")
-    g.add_argument("--temperature", type=float, default=0.0, help="> 0 samples instead of greedy")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g = p.add_argument_group("generation (default: the run's `generation` config; greedy in every preset "
+                             "but paper)")
+    g.add_argument("--max-new-tokens", type=int, help="default: the run's generation.max_new_tokens, "
+                   f"else {max_new_tokens}")
+    g.add_argument("--beams", type=int, help="beam search with N beams (generation.num_beams)")
+    g.add_argument("--temperature", type=float, help="> 0 samples, 0 is greedy (generation.temperature)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling, with a temperature > 0 (generation.top_p)")
+    g.add_argument("--repetition-penalty", type=float, help="generation.repetition_penalty")
+    g.add_argument("--greedy", action="store_true", help="greedy decoding, whatever the run's config says")
     g.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(default_max_new_tokens=max_new_tokens)
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The `generate_from_features` keyword arguments from the parsed flags (validated)."""
-    if args.max_new_tokens < 1 or args.beams < 1:
-        raise QVLMError("--max-new-tokens and --beams must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise QVLMError("--temperature must be >= 0 and --top-p in (0, 1]")
-    return {"max_new_tokens": args.max_new_tokens, "num_beams": args.beams, "temperature": args.temperature,
-            "top_p": args.top_p, "repetition_penalty": args.repetition_penalty}
+    """The generation flags given on the command line (validated) as generation keywords; checked before
+    any model loads. `with_run_defaults` fills in the rest from the run's config."""
+    given = {kw: getattr(args, flag) for flag, kw in GENERATION_FLAGS.items() if getattr(args, flag) is not None}
+    if args.greedy:
+        given["temperature"] = 0.0
+    _check_generation(given, "--")
+    return given
+
+
+def with_run_defaults(flags: dict[str, Any], generation, max_new_tokens: int) -> dict[str, Any]:
+    """The run's `generation` config section (`max_new_tokens`, the command's own default, where it
+    sets none), overridden by the flags given."""
+    gen = {kw: getattr(generation, kw) for kw in GENERATION_FLAGS.values()}
+    gen["max_new_tokens"] = gen["max_new_tokens"] or max_new_tokens
+    _check_generation(gen, "generation.")
+    return gen | flags
+
+
+def _check_generation(gen: dict[str, Any], prefix: str) -> None:
+    name = {kw: prefix + (flag.replace("_", "-") if prefix == "--" else kw) for flag, kw in GENERATION_FLAGS.items()}
+    for kw in ("max_new_tokens", "num_beams"):
+        if gen.get(kw, 1) < 1:
+            raise QVLMError(f"{name[kw]} must be at least 1")
+    if gen.get("temperature", 0) < 0 or not 0 < gen.get("top_p", 1) <= 1:
+        raise QVLMError(f"{name['temperature']} must be >= 0 and {name['top_p']} in (0, 1]")
 
 
 def load_model(run: str, device: str | None = None, need_lm: bool = False, command: str = ""):
@@ -137,9 +164,10 @@ def generate_for_files(model, paths: list[Path], prompt: str, batch_size: int, g
 def _run(args: argparse.Namespace, prompt: str, command: str) -> int:
     from qvlm.eval.search import expand_image_paths
 
-    gen = generation_kwargs(args)
+    flags = generation_kwargs(args)
     paths = expand_image_paths(args.images)
     model = load_model(args.run, args.device, need_lm=True, command=command)
+    gen = with_run_defaults(flags, model.config.generation, args.default_max_new_tokens)
 
     def emit(item: Item) -> None:
         if args.json:

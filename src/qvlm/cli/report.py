@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qvlm.cli.infer import add_generation_args, generation_kwargs, load_model
+from qvlm.cli.infer import add_generation_args, generation_kwargs, load_model, with_run_defaults
 from qvlm.extras import require
 
 
@@ -33,11 +33,12 @@ def run(args: argparse.Namespace) -> int:
     from qvlm.errors import QVLMError
     from qvlm.eval.evaluate import load_records, write_report
 
-    gen = generation_kwargs(args)
+    flags = generation_kwargs(args)
     require("matplotlib", "qvlm report")  # before loading the model
     run_dir = Path(args.run)
     records = load_records(args.data)[0] if args.data else []
     model = load_model(args.run, args.device)
+    gen = with_run_defaults(flags, model.config.generation, args.default_max_new_tokens)
     paths = write_report(model, run_dir, records, out_dir=args.out, n_grid=args.n_grid,
                          n_gallery=args.n_gallery, batch_size=args.batch_size, **gen)
     if not paths:

@@ -23,7 +23,8 @@ def keep_best(metric: str | None, out: Path, stage: int, has_val: bool, resume: 
         raise QVLMError(f"train.keep_best={metric!r} is no stage-{stage} validation metric; choose one of "
                         f"{', '.join(VAL_METRICS[stage])}")
     if not has_val:
-        raise QVLMError(f"train.keep_best={metric!r} needs validation data: pass --val")
+        raise QVLMError(f"train.keep_best={metric!r} needs validation data: pass --val, or "
+                        "--set train.keep_best=null to keep only the last model")
     if metric.startswith("val_caption") and importlib.util.find_spec("pycocoevalcap") is None:
         raise QVLMError(f"train.keep_best={metric!r} needs pycocoevalcap to score captions: "
                         "pip install 'qvlm[eval]' (or pip install pycocoevalcap)")

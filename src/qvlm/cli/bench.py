@@ -6,13 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
+from qvlm.config import PRESETS
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="training / extraction / generation throughput, optionally vs the reference recipe",
         description=__doc__ + " See the module docstring of qvlm.bench for what each mode does.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="paper", help="paper | offline | tiny (default: paper)")
+    p.add_argument("--preset", default="paper", help=f"{' | '.join(PRESETS)} (default: paper)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--compare-baseline", action="store_true",
                    help="also run the reference recipe's way (per-sample encoder, batch 8, bf16 LM, no cache)")

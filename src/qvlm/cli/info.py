@@ -10,13 +10,13 @@ import argparse
 import json
 from importlib import resources
 
-from qvlm.config import ConfigError, QVLMConfig, get_preset
+from qvlm.config import PRESETS, ConfigError, QVLMConfig, get_preset
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("info", help="parameter counts per part of a preset (no download)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="paper", help="paper | offline | tiny (default: paper)")
+    p.add_argument("--preset", default="paper", help=f"{' | '.join(PRESETS)} (default: paper)")
     p.add_argument("--config", help="a config file (JSON/YAML) instead of a preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set lm.lora_r=16 (repeatable)")

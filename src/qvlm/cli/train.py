@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
-from qvlm.config import QVLMConfig, get_preset
+from qvlm.config import PRESETS, QVLMConfig, get_preset
 from qvlm.console import warn
 from qvlm.errors import QVLMError
 
@@ -18,7 +19,7 @@ def register(subparsers) -> None:
     for stage, help_text in (("stage1", "align the Q-Former with text (ITC [+ ITM, ITG])"),
                              ("stage2", "train adapter + LoRA (+ Q-Former) to caption and answer")):
         s = stages.add_parser(stage, help=help_text)
-        s.add_argument("--preset", default="offline", help="paper | offline | tiny (default: offline)")
+        s.add_argument("--preset", default="offline", help=f"{' | '.join(PRESETS)} (default: offline)")
         s.add_argument("--config", help="a config file (JSON/YAML), e.g. a run's config.json")
         s.add_argument("--data", required=True, help="training data: JSONL/CSV manifest, shards, dataset folder")
         s.add_argument("--val", help="validation data (same formats)")
@@ -68,6 +69,12 @@ def run(args) -> int:
              "so captions and answers will be much worse. Train stage 1 first and pass --init STAGE1_RUN, "
              "unless this is what you want.")
     check_data(args.data, args.val)
+    argv = getattr(args, "argv", None)  # set by `main`; absent when a caller parsed the flags itself
+    if argv is not None and os.environ.get("RANK", "0") == "0" and not (Path(args.out) / "model").exists():
+        from qvlm.models.card import COMMAND_FILE
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / COMMAND_FILE).write_text("qvlm " + shlex.join(argv) + "\n")
     model_dir = train(resolve_config(args), stage, args.data, args.out, val=args.val, init=init,
                       resume=args.resume)
     print(f"model saved to {model_dir}")

@@ -133,8 +133,9 @@ def read_records(spec: str | Path, skips: SkipCounter | None = None) -> Iterator
 
 
 _HUB_ID_HINT = (
-    ". It looks like a Hugging Face hub id, but qvlm reads data from disk only, never from the hub: a JSONL/CSV "
-    "manifest, tar shards or a `datasets` save_to_disk folder (docs/data.md). Download it once with "
+    ". It looks like a Hugging Face hub id: qvlm streams hub datasets only with --set train.stream=true "
+    "(docs/data.md#streaming); otherwise it reads from disk: a JSONL/CSV manifest, tar shards, an imagefolder "
+    "or a `datasets` save_to_disk folder. Download it once with "
     "`python -c \"import datasets; datasets.load_dataset('{spec}').save_to_disk('data/hub')\"` "
     "(pip install 'qvlm[datasets]'), then pass --data data/hub (a DatasetDict folder reads its train split)")
 

@@ -16,7 +16,7 @@ import statistics
 import torch
 
 from qvlm.bench import Bench, Recipe, bench_config
-from qvlm.train import precision
+from qvlm import precision
 
 RECIPES = {"fp32": {1: Recipe(bf16=False, frozen_bf16=False, math_attention=False),
                     2: Recipe(bf16=False, frozen_bf16=False, math_attention=False)},

@@ -54,7 +54,7 @@ def test_bench_compile_times_the_compiled_step_and_reports_compile_time(tmp_path
 
 
 def test_bench_trains_each_stage_in_its_mixed_precision_as_train_does(tmp_path, monkeypatch, capsys):
-    from qvlm.train import precision
+    from qvlm import precision
 
     out = tmp_path / "bench.json"
     probe = precision.CpuProbe(choice="bf16", ratio=2.0, cpu="Test CPU", torch=torch.__version__,

@@ -11,17 +11,12 @@ from PIL import Image
 from test_data_cache import FakeEncoder  # tests/ is on sys.path under pytest
 
 from qvlm.data.cache import FeatureCache
-from qvlm.data.collate import (
-    LengthGroupedBatchSampler,
-    Stage1Collator,
-    Stage2Collator,
-    positive_pairs,
-    same_caption_matrix,
-)
+from qvlm.data.collate import LengthGroupedBatchSampler, Stage1Collator, Stage2Collator
 from qvlm.data.datasets import CaptionDataset, InstructionDataset
 from qvlm.data.images import DataError
 from qvlm.data.prompts import CAPTION_PROMPTS, sample_caption_prompt, vqa_prompt
 from qvlm.data.records import load_records
+from qvlm.models.objectives import positive_pairs, same_caption_matrix
 
 
 @pytest.fixture

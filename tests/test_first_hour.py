@@ -118,7 +118,7 @@ def test_unknown_config_section_lists_the_valid_ones():
 
 
 def test_init_with_another_qformer_config_names_the_fields(tmp_path):
-    from qvlm.train.trainer import build_model
+    from qvlm.train.stages import stage2_model
 
     init = tmp_path / "s1" / "model"
     init.mkdir(parents=True)
@@ -127,7 +127,7 @@ def test_init_with_another_qformer_config_names_the_fields(tmp_path):
     get_preset("tiny").save(init / "config.json")
     config = get_preset("tiny").override(["qformer.num_queries=6", "qformer.embed_dim=24"])
     with pytest.raises(QVLMError) as e:
-        build_model(config, 2, tmp_path / "s1")
+        stage2_model(config, tmp_path / "s1")
     message = str(e.value)
     assert "qformer.num_queries (--init: 4, here: 6)" in message
     assert "qformer.embed_dim (--init: 16, here: 24)" in message

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from qvlm import precision
 from qvlm.config import ConfigError
 from qvlm.models.vlm import QVLM
-from qvlm.train import precision
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from qvlm.data.records import read_records
 from qvlm.data.sequences import build_stage2_batch, truncated_answers
 from qvlm.errors import QVLMError
 from qvlm.models.vlm import QVLM
-from qvlm.train import trainer
+from qvlm.train import stages, trainer
 from qvlm.train.optim import stage1_param_groups, stage2_param_groups
 
 
@@ -45,14 +45,14 @@ def test_accumulation_never_spans_an_epoch_and_weights_the_remainder_step(shapes
     the next epoch's first step, or a remainder divided by grad_accum, shows as 1.5 or 0.5."""
     grads = []
 
-    def make_optimizer(groups, **kwargs):
+    def build_optimizer(groups, stage_cfg, **kwargs):
         optimizer = torch.optim.SGD(groups, lr=0.0)  # the weights stay; only the gradients matter
         optimizer.register_step_pre_hook(
             lambda opt, *_: grads.append([p.grad.clone() for g in opt.param_groups for p in g["params"]
                                           if p.grad is not None]))
         return optimizer
 
-    monkeypatch.setattr(trainer, "make_optimizer", make_optimizer)
+    monkeypatch.setattr(trainer, "build_optimizer", build_optimizer)
     monkeypatch.setattr(trainer, "_step_loss",
                         lambda wrapped, batch, stage, device: {"loss": wrapped.qformer.query_tokens.sum()})
     config = get_preset("tiny").override(["stage1.grad_accum=2", "stage1.epochs=2", "stage1.grad_clip=0"])
@@ -162,7 +162,7 @@ def test_stage2_generation_scores_vqa_by_accuracy_and_captions_by_caption_metric
     scores = {}
     for perfect in (True, False):
         echo = _Echo(tiny_config, perfect)
-        scores[perfect] = trainer._generation_scores(echo, val_set, echo.collate(collate), batch_size=4,
+        scores[perfect] = stages._generation_scores(echo, val_set, echo.collate(collate), batch_size=4,
                                                      device="cpu", batches=4)
     assert set(scores[True]) == {"val_vqa_accuracy", "val_caption_cider", "val_caption_bleu4"}
     assert scores[True]["val_vqa_accuracy"] == 1.0 and scores[False]["val_vqa_accuracy"] == 0.0
@@ -171,10 +171,10 @@ def test_stage2_generation_scores_vqa_by_accuracy_and_captions_by_caption_metric
 
 def test_without_caption_metrics_captions_are_validated_by_loss_only(shapes, tmp_path, tiny_config, monkeypatch):
     """pycocoevalcap is an extra (qvlm[eval]): training must not need it."""
-    monkeypatch.setattr(trainer, "has_caption_metrics", lambda: False)
+    monkeypatch.setattr(stages, "has_caption_metrics", lambda: False)
     val_set, collate = _validation_data(shapes, tmp_path, tiny_config)
     echo = _Echo(tiny_config, perfect=True)
-    scores = trainer._generation_scores(echo, val_set, echo.collate(collate), batch_size=4, device="cpu",
+    scores = stages._generation_scores(echo, val_set, echo.collate(collate), batch_size=4, device="cpu",
                                         batches=4)
     assert scores == {"val_vqa_accuracy": 1.0}
 

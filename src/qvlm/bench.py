@@ -6,7 +6,7 @@ length. Each figure is samples (or images, tokens) per second over a few timed s
 A `Recipe` says how a training step runs. `fast` is how qvlm trains: patch features from the feature
 cache (the encoder ran once, before training; its cost is the separate `extract` figure), large batches,
 each stage in its `stageN.mixed_precision` as `qvlm train` resolves it (`auto`: bf16 on GPUs, and on CPUs
-where the probe of train/precision.py measured it faster), with the frozen LM stored in bf16 and, in stage 2
+where the probe of qvlm/precision.py measured it faster), with the frozen LM stored in bf16 and, in stage 2
 on CPU, the plain-matmul attention kernel, the vocabulary projection only where targets are, fused AdamW.
 Counted FLOP/s are also given as a fraction of this machine's own measured matmul peak in the same dtype.
 The baseline is how the article's code trains: the fp32 vision encoder per sample inside the loop (its
@@ -29,13 +29,13 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from qvlm import precision
 from qvlm.config import ConfigError, QVLMConfig, get_preset
 from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
 from qvlm.data.sequences import build_stage2_batch
+from qvlm.models.objectives import Stage1Objective
 from qvlm.models.vlm import QVLM
-from qvlm.train import precision
-from qvlm.train.optim import make_optimizer, stage1_param_groups, stage2_param_groups
-from qvlm.train.trainer import Stage1Objective
+from qvlm.train.optim import build_optimizer, stage1_param_groups, stage2_param_groups
 
 WORDS = ("a dog runs on the beach near the water while a man in a red shirt throws a ball "
          "two children play football in a green park under a cloudy sky").split()
@@ -53,7 +53,7 @@ class Recipe:
     batch: int | None = None
     bf16: bool = True  # autocast over the step (the baseline: stage 2 only, as the article)
     frozen_bf16: bool = True  # frozen LM weights stored in bf16, not re-cast at every call
-    math_attention: bool = True  # CPU + bf16: matmul + softmax attention (see train/precision.py)
+    math_attention: bool = True  # CPU + bf16: matmul + softmax attention (see qvlm/precision.py)
     labelled_logits: bool = True  # vocabulary projection only where targets are
     fused_adamw: bool = True
     compile: bool = False  # torch.compile the forward (opt-in, as `train.compile`)
@@ -128,7 +128,7 @@ class Bench:
         self._matmul_peaks: dict[torch.dtype, float] = {}
 
     def fast(self, stage: int) -> Recipe:
-        """What `qvlm train` does on this device in the stage's `mixed_precision` (train/precision.py)."""
+        """What `qvlm train` does on this device in the stage's `mixed_precision` (qvlm/precision.py)."""
         bf16 = self.precision[stage] == "bf16"
         return Recipe(bf16=bf16, frozen_bf16=bf16, math_attention=bf16 and stage == 2, compile=self.compile)
 
@@ -167,7 +167,8 @@ class Bench:
         FLOPs are counted on an eager call; the first timed call alone is `first_step_s`, which holds
         the compile time when `recipe.compile`.
         """
-        optimizer = make_optimizer(params, fused=recipe.fused_adamw)
+        stage_cfg = self.config.stage1 if stage == 1 else self.config.stage2
+        optimizer = build_optimizer(params, stage_cfg, fused=recipe.fused_adamw)
         cached = self._features(images, per_sample=False) if recipe.feature_cache else None
         module.train()
         if recipe.compile:
@@ -199,7 +200,7 @@ class Bench:
         objective = Stage1Objective(self.model, self.config)
         images, captions = synthetic_batch(batch, self.size, seed=1)
         keys = [str(i) for i in range(batch)]
-        return self._measure(1, recipe, objective, lambda run, f: run(f, captions, keys)["loss"],
+        return self._measure(1, recipe, objective, lambda run, f: run(f, captions, keys).loss,
                              stage1_param_groups(self.model, self.config), batch, images)
 
     def stage2(self, recipe: Recipe) -> dict:

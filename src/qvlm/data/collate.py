@@ -16,37 +16,6 @@ from torch.utils.data import Sampler
 from qvlm.data.sequences import qformer_text_inputs
 
 
-def normalise_caption(text: str) -> str:
-    """Lower-case, strip, collapse whitespace: "A  Red Circle " == "a red circle"."""
-    return " ".join(text.lower().split())
-
-
-def same_caption_matrix(captions: Sequence[str]) -> torch.Tensor:
-    """bool `[B, B]`: True where captions i and j are equal after `normalise_caption` (diagonal True).
-
-    In a contrastive batch these pairs are extra positives, not negatives (easy-VQA has only 24
-    distinct captions, so repeats in a batch are the rule).
-    """
-    ids: dict[str, int] = {}
-    codes = torch.tensor([ids.setdefault(normalise_caption(c), len(ids)) for c in captions])
-    return codes[:, None] == codes[None, :]
-
-
-def _same_key_matrix(keys: Sequence[str]) -> torch.Tensor:
-    ids: dict[str, int] = {}
-    codes = torch.tensor([ids.setdefault(k, len(ids)) for k in keys])
-    return codes[:, None] == codes[None, :]
-
-
-def positive_pairs(captions: Sequence[str], image_keys: Sequence[str]) -> torch.Tensor:
-    """bool `[B, B]`: the true image-text pairs of a contrastive batch of (image, caption) items.
-
-    Item i's image matches item j's caption when the captions are equal (`same_caption_matrix`) or
-    both captions belong to the same image.
-    """
-    return same_caption_matrix(captions) | _same_key_matrix(image_keys)
-
-
 def _stack_image(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """features `[B, P, Dv]` or pixel_values `[B, 3, H, W]`, whichever the items carry."""
     name = "features" if "features" in items[0] else "pixel_values"
@@ -57,7 +26,8 @@ class Stage1Collator:
     """Batch for contrastive alignment.
 
     Returns {features | pixel_values, captions: list[str], image_keys: list[str]}; the loss derives the
-    positives with `positive_pairs` (over the batch of all processes when training on several).
+    positives with `models.objectives.positive_pairs` (over the batch of all processes when training
+    on several).
     """
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:

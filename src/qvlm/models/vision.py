@@ -21,7 +21,7 @@ from transformers import AutoImageProcessor, AutoModel
 from qvlm import hub
 from qvlm.config import VisionConfig
 from qvlm.models.tiny import random_model
-from qvlm.train.precision import resolve as resolve_precision
+from qvlm.precision import resolve as resolve_precision
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

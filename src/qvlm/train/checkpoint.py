@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qvlm.errors import QVLMError
+from qvlm.models.vlm import read_trainable
 from qvlm.utils import atomic_file, atomic_folder
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
@@ -47,6 +48,7 @@ class Position:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    stream: dict | None = None  # a streamed run: `StreamPosition.to_json()` of all processes' readers
 
 
 def save_checkpoint(folder: Path, model, optimizer, scheduler, position: Position, keep: int = 2) -> Path:
@@ -97,7 +99,7 @@ def resume_latest(folder: Path, model, optimizer, scheduler) -> tuple[Path, Posi
 def _read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     """Every file of a checkpoint read and parsed before anything is changed: a damaged checkpoint fails
     here and leaves the model as it was. Returns (weights, optimizer tensors, state)."""
-    weights = load_file(path / "model" / "model.safetensors")
+    weights = read_trainable(path / "model")
     tensors = load_file(path / "optimizer.safetensors")
     state = json.loads((path / "state.json").read_text())
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]

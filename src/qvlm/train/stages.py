@@ -20,18 +20,16 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from qvlm import precision
 from qvlm.config import QVLMConfig, Stage1Config, Stage2Config
-from qvlm.data.cache import FeatureCache
 from qvlm.data.collate import Stage1Collator, Stage2Collator
 from qvlm.data.datasets import CaptionDataset, InstructionDataset
-from qvlm.data.images import SkipCounter
-from qvlm.data.records import read_records
+from qvlm.data.pipeline import training_data
+from qvlm.data.stream import StreamingBatches
 from qvlm.errors import QVLMError
 from qvlm.eval.metrics import caption_scores, exact_match
 from qvlm.models.objectives import Stage1Objective, Stage2Objective
 from qvlm.models.processing import truncated_answers
 from qvlm.models.vlm import QVLM, model_folder, read_config, read_trainable
 from qvlm.train.optim import stage1_param_groups, stage2_param_groups
-from qvlm.utils import cache_home
 
 
 def _nothing(*args) -> dict:
@@ -71,9 +69,9 @@ def stage1(config: QVLMConfig, data: str, val: str | None, init: str | None, acc
     """Q-Former alignment: built from its pretrained text encoder (no --init); random batches, since
     grouping captions by length would make contrastive negatives easier."""
     model = QVLM.build(config, stage=1).to(accelerator.device)
-    train_set, val_set = _datasets(config, data, val, model, accelerator, CaptionDataset)
+    train_set, val_set = _datasets(config, 1, data, val, model, accelerator, CaptionDataset)
     return Stage(1, config.stage1, model, Stage1Objective(model, config), ("features", "captions", "image_keys"),
-                 train_set, val_set, Stage1Collator(), [0] * len(train_set), stage1_param_groups(model, config))
+                 train_set, val_set, Stage1Collator(), _equal_lengths(train_set), stage1_param_groups(model, config))
 
 
 def stage2(config: QVLMConfig, data: str, val: str | None, init: str | None, accelerator: Accelerator,
@@ -85,7 +83,7 @@ def stage2(config: QVLMConfig, data: str, val: str | None, init: str | None, acc
     if mixed_precision == "bf16":
         precision.store_frozen_in(model.lm, torch.bfloat16)
     make = partial(InstructionDataset, seed=config.train.seed)
-    train_set, val_set = _datasets(config, data, val, model, accelerator, make)
+    train_set, val_set = _datasets(config, 2, data, val, model, accelerator, make)
     collate = Stage2Collator(model.tokenizer, config.qformer.num_queries, config.lm.image_position,
                              config.lm.system_prompt, s.max_answer_tokens,
                              qformer_tokenizer=model.text_tokenizer if config.qformer.instruction_aware else None,
@@ -96,7 +94,8 @@ def stage2(config: QVLMConfig, data: str, val: str | None, init: str | None, acc
                  ("features", "input_ids", "attention_mask", "image_mask", "labels",
                   "qformer_input_ids", "qformer_attention_mask"),  # the last two: instruction-aware
                  train_set, val_set, collate,
-                 train_set.lengths() if config.train.group_by_length else [0] * len(train_set),
+                 train_set.lengths() if config.train.group_by_length and not config.train.stream
+                 else _equal_lengths(train_set),
                  stage2_param_groups(model, config), on_epoch=train_set.set_epoch, count=stats.count,
                  log_fields=stats.log_fields, extra_validation=scores if val_set is not None else _nothing,
                  after_training=stats.report)
@@ -129,23 +128,17 @@ def stage2_model(config: QVLMConfig, init: str | None) -> QVLM:
     return model
 
 
-def _datasets(config: QVLMConfig, data: str, val: str | None, model: QVLM, accelerator: Accelerator,
-              make: Callable[..., Dataset]) -> tuple[Dataset, Dataset | None]:
-    """Build the feature cache (main process first; the others then just read it) and the datasets,
-    `make(records, cache=, skips=)` each."""
-    cache = FeatureCache(config.train.feature_cache or cache_home() / "features", model.vision)
-    # Malformed manifest lines are counted with the samples, so they show in the report and the check
-    skips = SkipCounter("samples")
-    train_records = list(read_records(data, skips=skips))
-    val_records = list(read_records(val)) if val else []
-    with accelerator.main_process_first():
-        image_skips = cache.build(train_records + val_records, progress=accelerator.is_main_process)
-        cache.encoder = None  # reading needs no encoder; keeps DataLoader workers light
-    accelerator.print(f"{cache.summary()}; {image_skips.summary()}")
-    train_set = make(train_records, cache=cache, skips=skips)
-    accelerator.print(f"training data: {skips.report()}")
-    train_set.check(config.train.max_bad_fraction)
-    return train_set, (make(val_records, cache=cache) if val_records else None)
+def _datasets(config: QVLMConfig, number: int, data: str, val: str | None, model: QVLM,
+              accelerator: Accelerator, make: Callable[..., Dataset]) -> tuple[Dataset, Dataset | None]:
+    """The training set (a list, or a stream with `train.stream`) and the validation set, features from
+    the cache or online (`train.features`): `data.pipeline.training_data`."""
+    prepared = training_data(config, number, data, val, model.vision, make, accelerator)
+    return prepared.train_set, prepared.val_set
+
+
+def _equal_lengths(train_set) -> list[int]:
+    """Random batches: every sample of a list the same length; a stream has no lengths (nor batches to group)."""
+    return [0] * len(train_set) if not isinstance(train_set, StreamingBatches) else []
 
 
 class AnswerStats:

@@ -8,7 +8,8 @@ statistics, validation metrics, the report after training) is described once per
 
 Data order is a pure function of (seed, epoch): each epoch is a seeded permutation cut into global
 batches (grouped by length in stage 2), each process taking its slice. That makes `--resume` exact (skip the batches already done) and
-makes N processes see every sample once per epoch.
+makes N processes see every sample once per epoch. A stream (`train.stream`) has no length: it runs
+`max_steps` steps, and checkpoints keep every reader's position so that `--resume` is exact there too.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -30,6 +31,8 @@ from qvlm import precision
 from qvlm.config import QVLMConfig, TrainConfig
 from qvlm.console import progress
 from qvlm.data.collate import LengthGroupedBatchSampler
+from qvlm.data.pipeline import require_max_steps
+from qvlm.data.stream import StreamingBatches, StreamPosition
 from qvlm.errors import QVLMError
 from qvlm.models.objectives import ObjectiveOutput
 from qvlm.train import stages
@@ -83,9 +86,9 @@ class _Run:
     wrapped: nn.Module  # the stage's objective, prepared by Accelerate (DDP, compile, autocast)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    sampler: LengthGroupedBatchSampler
+    sampler: LengthGroupedBatchSampler | None  # None: a stream (`train.stream`)
     loader: DataLoader
-    batches_per_epoch: int  # micro-batches of each process per epoch
+    batches_per_epoch: int  # micro-batches of each process per epoch; 0: unknown (a stream)
     total_steps: int
     position: Position
     log: MetricsLog
@@ -93,6 +96,7 @@ class _Run:
     bar: object  # progress bar
     budget: TimeBudget | None
     last_good: Path | None  # the newest checkpoint
+    stream: StreamPosition | None = None  # how far a stream has been read (this process's readers)
     samples: int = 0  # samples of all processes since the last log line
     tick: float = field(default_factory=time.perf_counter)  # when the last log line was written
 
@@ -130,29 +134,48 @@ def _start(stage: Stage, train: TrainConfig, out: Path, resume: bool, accelerato
            mixed_precision: str, best: BestModel | None) -> _Run:
     """Batches, optimizer and schedule for `stage`; the checkpoint's position when resuming."""
     s = stage.settings
+    sampler, loader = _batches(stage, train, accelerator)
+    batches = len(sampler) if sampler is not None else 0
+
+    # Optimizer and schedule
+    groups = stage.param_groups
+    optimizer = build_optimizer(groups, s)
+    planned = (planned_total(out) if resume else None) or s.max_steps
+    if sampler is None:  # a stream has no length: its schedule is drawn over max_steps
+        total_steps = planned or require_max_steps(s.max_steps, stage.number)
+    else:
+        steps_per_epoch = -(-batches // s.grad_accum)  # the epoch's last step takes the remainder
+        total_steps = planned or steps_per_epoch * s.epochs
+    scheduler = build_schedule(optimizer, s, total_steps)
+    wrapped, optimizer = accelerator.prepare(stage.objective, optimizer)
+
+    position, last = _resume(out, stage.model, optimizer, scheduler, resume, accelerator)
+    stream = None
+    if sampler is None:  # the readers start where the checkpoint left them; the run counts on its own copy
+        stage.train_set.set_state(StreamPosition.from_json(position.stream))
+        stream = StreamPosition.from_json(position.stream)
+    bar = progress(total=total_steps, initial=position.step, disable=not accelerator.is_main_process,
+                   desc=f"stage {stage.number}")
+    budget = TimeBudget(s.time_budget_s, total_steps) if s.time_budget_s and not planned_total(out) else None
+    return _Run(stage, accelerator, mixed_precision, train, out, wrapped, optimizer, scheduler, sampler, loader,
+                batches, total_steps, position, MetricsLog(out, accelerator.is_main_process), best, bar,
+                budget, last, stream=stream)
+
+
+def _batches(stage: Stage, train: TrainConfig, accelerator: Accelerator) -> tuple[LengthGroupedBatchSampler | None,
+                                                                                  DataLoader]:
+    """The batch sampler (None for a stream, which batches inside its DataLoader workers) and the loader."""
+    pin = torch.cuda.is_available()
+    if isinstance(stage.train_set, StreamingBatches):
+        return None, stage.train_set.loader(stage.collate, train.num_workers, pin_memory=pin)
+    s = stage.settings
     sampler = LengthGroupedBatchSampler(stage.lengths, s.batch_size, seed=train.seed, drop_last=True,
                                         rank=accelerator.process_index, world_size=accelerator.num_processes)
     if len(sampler) == 0:
         raise QVLMError(f"{len(stage.train_set)} training samples make no full batch of "
                         f"{s.batch_size * accelerator.num_processes}; lower stage{stage.number}.batch_size")
-    loader = DataLoader(stage.train_set, batch_sampler=sampler, collate_fn=stage.collate,
-                        num_workers=train.num_workers, pin_memory=torch.cuda.is_available())
-
-    # Optimizer and schedule
-    groups = stage.param_groups
-    optimizer = build_optimizer(groups, s)
-    steps_per_epoch = -(-len(sampler) // s.grad_accum)  # the epoch's last step takes the remainder
-    total_steps = (planned_total(out) if resume else None) or s.max_steps or steps_per_epoch * s.epochs
-    scheduler = build_schedule(optimizer, s, total_steps)
-    wrapped, optimizer = accelerator.prepare(stage.objective, optimizer)
-
-    position, last = _resume(out, stage.model, optimizer, scheduler, resume, accelerator)
-    bar = progress(total=total_steps, initial=position.step, disable=not accelerator.is_main_process,
-                   desc=f"stage {stage.number}")
-    budget = TimeBudget(s.time_budget_s, total_steps) if s.time_budget_s and not planned_total(out) else None
-    return _Run(stage, accelerator, mixed_precision, train, out, wrapped, optimizer, scheduler, sampler, loader,
-                len(sampler), total_steps, position, MetricsLog(out, accelerator.is_main_process), best, bar,
-                budget, last)
+    return sampler, DataLoader(stage.train_set, batch_sampler=sampler, collate_fn=stage.collate,
+                               num_workers=train.num_workers, pin_memory=pin)
 
 
 def _resume(out: Path, model: nn.Module, optimizer, scheduler, resume: bool,
@@ -171,6 +194,9 @@ def _resume(out: Path, model: nn.Module, optimizer, scheduler, resume: bool,
 def _train_epochs(run: _Run) -> None:
     """Epochs of micro-batches until the planned steps are done (or the epochs, if fewer)."""
     position, stage = run.position, run.stage
+    if run.stream is not None:
+        _train_stream(run)
+        return
     while position.step < run.total_steps and position.epoch < stage.settings.epochs:
         run.sampler.set_epoch(position.epoch)
         run.sampler.skip = position.batch_in_epoch  # resuming mid-epoch
@@ -185,9 +211,22 @@ def _train_epochs(run: _Run) -> None:
         position.epoch, position.batch_in_epoch = position.epoch + 1, 0
 
 
+def _train_stream(run: _Run) -> None:
+    """Batches of an endless stream until the planned steps are done. `batch_in_epoch` counts the
+    batches since the stream began (steps group `grad_accum` of them); `epoch` is the stream's
+    slowest reader's."""
+    run.stage.model.train()
+    for batch in run.loader:
+        run.stream.advance(batch)
+        run.position.batch_in_epoch, run.position.epoch = run.stream.batches, run.stream.epoch
+        if _micro_step(run, batch) and run.position.step >= run.total_steps:
+            return
+
+
 def _micro_step(run: _Run, batch: dict) -> bool:
     """Forward and backward one micro-batch; after a step's last one, step the optimizer (True then)."""
     stage, accelerator, position = run.stage, run.accelerator, run.position
+    _encode_online(batch, stage.model, accelerator.device)
     with precision.attention_kernels(accelerator.device, run.mixed_precision, stage.number):
         output = run.wrapped(**_inputs(batch, stage.inputs, accelerator.device))
     step_size, ends_step = _accumulation(position.batch_in_epoch, run.batches_per_epoch, stage.settings.grad_accum)
@@ -201,6 +240,14 @@ def _micro_step(run: _Run, batch: dict) -> bool:
     if ends_step:
         _after_step(run, output, _optimizer_step(run))
     return ends_step
+
+
+@torch.no_grad()
+def _encode_online(batch: dict, model: nn.Module, device: torch.device) -> None:
+    """`train.features=online`: the frozen encoder turns the batch's pixel_values [B, 3, H, W] into
+    features [B, P, Dv] on the accelerator, in place of the cached ones."""
+    if "pixel_values" in batch:
+        batch["features"] = model.vision(batch.pop("pixel_values").to(device, non_blocking=True))
 
 
 def _optimizer_step(run: _Run) -> torch.Tensor | None:
@@ -333,6 +380,8 @@ def _finish(run: _Run) -> None:
 def _save(run: _Run) -> Path | None:
     """A checkpoint of the run at its position (written by the main process; its path there)."""
     path = None
+    if run.stream is not None:  # every process's readers: each process holds its own positions
+        run.position.stream = run.stream.merged(gather_object([run.stream])).to_json()
     if run.accelerator.is_main_process:
         path = save_checkpoint(run.out / "checkpoints", run.stage.model, run.optimizer, run.scheduler,
                                Position(**vars(run.position)))

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from qvlm.data.images import DataError, SkipCounter
-from qvlm.data.records import expand_braces, iter_shards, load_records, read_records, split_by_worker_and_rank
+from qvlm.data.records import expand_braces, iter_shards, load_records, read_records
 
 
 def jpeg(colour=(200, 10, 10)) -> bytes:
@@ -104,42 +104,6 @@ def test_webdataset_shards(tmp_path):
     assert records[0].open_image().size == (8, 8)
     assert len(load_records(tmp_path / "shards")) == 12  # a folder of shards
     assert len(load_records(str(tmp_path / "shards" / "*.tar"))) == 12
-
-
-@pytest.mark.parametrize("n_shards", [8, 3])  # more shards than consumers, and fewer
-def test_sharding_sees_every_sample_once(tmp_path, n_shards):
-    captions = write_shards(tmp_path / "shards", n_shards, 5)
-    shards = sorted(str(p) for p in (tmp_path / "shards").glob("*.tar"))
-    seen = []
-    for rank in range(2):
-        for worker in range(2):
-            consumer = dict(rank=rank, world_size=2, worker_id=worker, num_workers=2)
-            seen += [r.captions[0] for r in iter_shards(shards, split=True, **consumer)]
-    assert sorted(seen) == sorted(captions)
-
-
-def test_sharding_env_and_dataloader_workers(tmp_path, monkeypatch):
-    """Real DataLoader workers × ranks from the environment, as accelerate/torchrun set them."""
-    from torch.utils.data import DataLoader
-
-    from qvlm.data.records import ShardStream
-
-    captions = write_shards(tmp_path / "shards", 5, 3)
-    seen = []
-    for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        stream = ShardStream(str(tmp_path / "shards" / "{00000..00004}.tar"), transform=lambda r: r.captions[0])
-        seen += [c for batch in DataLoader(stream, batch_size=None, num_workers=2) for c in [batch]]
-    assert sorted(seen) == sorted(captions)
-
-
-def test_split_by_worker_and_rank_partitions():
-    items = list(range(10))
-    parts = [split_by_worker_and_rank(items, rank=r, world_size=2, worker_id=w, num_workers=2)
-             for r in range(2) for w in range(2)]
-    assert sorted(x for p in parts for x in p) == items
-    assert split_by_worker_and_rank(items) == items  # single process, no workers
 
 
 def test_truncated_shard_keeps_what_was_read(tmp_path):

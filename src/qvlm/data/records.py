@@ -26,12 +26,10 @@ import re
 import subprocess
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
-
-from torch.utils.data import IterableDataset
+from typing import Any
 
 from qvlm.data.images import DEFAULT_MAX_PIXELS, BadSample, DataError, SkipCounter, load_image
 from qvlm.extras import missing_extra
@@ -39,7 +37,6 @@ from qvlm.extras import missing_extra
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 KNOWN_FIELDS = ("image", "image_path", "file_name", "caption", "captions", "question", "answer", "answers",
                 "answer_type")
-T = TypeVar("T")
 
 
 @dataclass
@@ -294,18 +291,6 @@ def expand_shards(spec: str) -> list[str]:
     return paths
 
 
-def split_by_worker_and_rank(items: Sequence[T], rank: int | None = None, world_size: int | None = None,
-                             worker_id: int | None = None, num_workers: int | None = None) -> list[T]:
-    """The share of `items` this DataLoader worker in this process must read (round robin).
-
-    Rank and world size come from torch.distributed when it is initialised, else from the RANK and
-    WORLD_SIZE environment variables (accelerate/torchrun set both); worker id and count from
-    `torch.utils.data.get_worker_info()`. Arguments override both (tests, custom launchers).
-    """
-    consumer, consumers = consumer_index(rank, world_size, worker_id, num_workers)
-    return list(items[consumer::consumers])
-
-
 def consumer_index(rank: int | None = None, world_size: int | None = None, worker_id: int | None = None,
                    num_workers: int | None = None) -> tuple[int, int]:
     """(this consumer's index, number of consumers) over processes × DataLoader workers."""
@@ -324,26 +309,10 @@ def consumer_index(rank: int | None = None, world_size: int | None = None, worke
     return rank * num_workers + worker_id, world_size * num_workers
 
 
-def iter_shards(shards: Sequence[str], skips: SkipCounter | None = None, split: bool = False,
-                **consumer: int | None) -> Iterator[Record]:
-    """Stream the records of tar shards. With `split`, only this worker/process's share.
-
-    Shards are dealt round robin when there are at least as many shards as consumers; with fewer
-    shards every consumer reads them all and keeps every n-th sample, so that each sample is still
-    seen exactly once.
-    """
-    if not split:
-        for shard in shards:
-            yield from _iter_tar(shard, skips)
-        return
-    index, count = consumer_index(**consumer)
-    if len(shards) >= count:
-        for shard in shards[index::count]:
-            yield from _iter_tar(shard, skips)
-        return
-    for i, record in enumerate(r for shard in shards for r in _iter_tar(shard, None)):
-        if i % count == index:
-            yield record
+def iter_shards(shards: Sequence[str], skips: SkipCounter | None = None) -> Iterator[Record]:
+    """The records of tar shards, in order (training streams them with `qvlm.data.stream`)."""
+    for shard in shards:
+        yield from _iter_tar(shard, skips)
 
 
 def _member_key(name: str) -> tuple[str, str]:
@@ -422,26 +391,6 @@ def _sample_from_files(shard: str, key: str, files: dict[str, bytes],
                  question=question, answers=_as_list(meta.get("answers") or meta.get("answer")),
                  answer_type=meta.get("answer_type"),
                  meta={k: v for k, v in meta.items() if k in ("url", "key", "width", "height")})
-
-
-class ShardStream(IterableDataset):
-    """An `IterableDataset` over tar shards, split across DataLoader workers and processes.
-
-    `transform(record)` turns a record into a training item; returning None drops it.
-    """
-
-    def __init__(self, spec: str, transform: Callable[[Record], Any] | None = None,
-                 skips: SkipCounter | None = None):
-        super().__init__()
-        self.shards = expand_shards(spec)
-        self.transform = transform
-        self.skips = skips
-
-    def __iter__(self) -> Iterator[Any]:
-        for record in iter_shards(self.shards, skips=self.skips, split=True):
-            item = self.transform(record) if self.transform else record
-            if item is not None:
-                yield item
 
 
 # ---------------------------------------------------------------------------------------------------

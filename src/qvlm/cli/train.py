@@ -21,7 +21,8 @@ def register(subparsers) -> None:
         s = stages.add_parser(stage, help=help_text)
         s.add_argument("--preset", default="offline", help=f"{' | '.join(PRESETS)} (default: offline)")
         s.add_argument("--config", help="a config file (JSON/YAML), e.g. a run's config.json")
-        s.add_argument("--data", required=True, help="training data: JSONL/CSV manifest, shards, dataset folder")
+        s.add_argument("--data", required=True, help="training data: JSONL/CSV manifest, tar shards (brace pattern, pipe:CMD), imagefolder, "
+                            "datasets folder; with --set train.stream=true also a hub dataset id")
         s.add_argument("--val", help="validation data (same formats)")
         s.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
         if stage == "stage2":

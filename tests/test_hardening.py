@@ -338,11 +338,12 @@ def test_a_checkpoint_cut_between_the_two_renames_is_put_back(tmp_path):
 def _tiny_checkpoint_parts():
     from qvlm.config import get_preset
     from qvlm.models.vlm import QVLM
-    from qvlm.train.optim import warmup_cosine
+    from qvlm.train.optim import build_schedule
 
     model = QVLM.build(get_preset("tiny"), stage=1)
     optimizer = torch.optim.AdamW(model.qformer.parameters(), lr=1e-3)
-    return model, optimizer, warmup_cosine(optimizer, 1, 10)
+    stage = get_preset("tiny").override(["stage1.warmup_steps=1"]).stage1
+    return model, optimizer, build_schedule(optimizer, stage, 10)
 
 
 def test_full_disk_while_saving_is_a_clear_error_and_keeps_old_checkpoints(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qvlm.cli.infer import add_generation_args, generation_kwargs, load_model
+from qvlm.cli.infer import add_generation_args, generation_kwargs, load_model, with_run_defaults
 from qvlm.extras import require
 
 TASKS = ("retrieval", "caption", "vqa")
@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from qvlm.eval.evaluate import evaluate_captions, evaluate_retrieval, evaluate_vqa, load_records
 
-    gen = generation_kwargs(args)
+    flags = generation_kwargs(args)
     if args.task == "caption":  # the metrics come last: check before generating every caption
         require("pycocoevalcap", "qvlm eval --task caption")
     if args.baseline:
@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
         check_request(args.baseline, args.task, args.train)  # before the slow part
     records, read_skips = load_records(args.data)
     model = load_model(args.run, args.device, need_lm=args.task != "retrieval", command=f"eval --task {args.task}")
+    # answers are a few words: VQA's own default is 16 new tokens where the run's config sets none
+    default_tokens = 16 if args.task == "vqa" else args.default_max_new_tokens
+    gen = with_run_defaults(flags, model.config.generation, default_tokens)
     run_dir = run_dir_of(Path(args.run))
     cache = None if args.no_cache else (args.cache or run_dir / "cache")
     common = {"batch_size": args.batch_size, "cache": cache, "limit": args.limit}
@@ -64,8 +67,6 @@ def run(args: argparse.Namespace) -> int:
     elif args.task == "caption":
         result = evaluate_captions(model, records, **common, **gen)
     else:
-        if args.max_new_tokens == 32:  # the shared default is for captions; answers are short
-            gen["max_new_tokens"] = 16
         result = evaluate_vqa(model, records, **common, **gen)
     result = {"task": args.task, "run": str(args.run), "data": str(args.data),
               "bad_records": sum(read_skips.skipped.values()), **result}

@@ -25,12 +25,16 @@ def render_prompt(tokenizer, image_position: str = "before", system_prompt: str 
     With `system_prompt=None` no system turn is rendered at all, even when the template would add a
     default one (SmolLM2's adds ~30 tokens; sequence length sets stage-2 speed).
     """
-    if image_position not in ("before", "after"):
-        raise ValueError(f"image_position must be 'before' or 'after', got {image_position!r}")
-    content = f"{IMAGE_MARKER}\n{USER_MARKER}" if image_position == "before" else f"{USER_MARKER}\n{IMAGE_MARKER}"
-    user = {"role": "user", "content": content}
+    inside = {"before": f"{IMAGE_MARKER}\n{USER_MARKER}", "after": f"{USER_MARKER}\n{IMAGE_MARKER}",
+              "after_turn": USER_MARKER}
+    if image_position not in inside:
+        raise ValueError(f"image_position must be one of {', '.join(inside)}, got {image_position!r}")
+    user = {"role": "user", "content": inside[image_position]}
     system = {"role": "system", "content": system_prompt or ""}
     full = tokenizer.apply_chat_template([system, user], tokenize=False, add_generation_prompt=True)
+    if image_position == "after_turn":  # the article's layout: user turn, image, then the assistant turn
+        turns = tokenizer.apply_chat_template([system, user], tokenize=False, add_generation_prompt=False)
+        full = turns + IMAGE_MARKER + full[len(turns):]
     if system_prompt is not None:
         return full
     # Cut the (empty) system turn: what the template renders for it alone is a prefix of the full text.

@@ -125,6 +125,15 @@ def test_resume_mid_epoch_continues_with_the_same_batches(tmp_path, stop):
     assert first + rest == full
 
 
+def test_positions_of_all_processes_merge_to_each_readers_newest():
+    """After a resume every process holds all readers' checkpointed positions; only its own move on."""
+    rank0 = StreamPosition(17, {0: (3, 8), 1: (3, 4)}, 2)  # advanced reader 0; reader 1 as checkpointed
+    rank1 = StreamPosition(17, {0: (3, 4), 1: (3, 8)}, 2)
+    assert rank0.merged([rank0, rank1]).consumers == {0: (3, 8), 1: (3, 8)}
+    assert StreamPosition(2, {0: (0, 6)}, 2).merged([StreamPosition(2, {1: (1, 0)}, 2)]).consumers == \
+        {0: (0, 6), 1: (1, 0)}
+
+
 def test_resume_refuses_another_worker_count(tmp_path):
     pattern = write_shards(tmp_path, 40, 4)
     _, position = _run(pattern, 3, workers=2)

@@ -9,8 +9,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import COLOURS, SHAPES, shape_image
 from safetensors.torch import load_file
@@ -119,19 +121,21 @@ def test_two_processes_split_the_stream_and_resume_after_a_kill(shards, tmp_path
     assert full.returncode == 0, full.stderr[-3000:]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, *common, "--out", str(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    import signal
-    import time
-
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (killed / "checkpoints" / "step-000004" / "state.json").exists() and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    launcher = psutil.Process(proc.pid)
+    tree = [launcher, *launcher.children(recursive=True)]  # torchrun's workers have sessions of their own
+    for process in tree:
+        process.kill()
+    psutil.wait_procs(tree, timeout=60)
     proc.wait()
-    state = json.loads((killed / "checkpoints" / "step-000004" / "state.json").read_text())
-    assert sorted(state["position"]["stream"]["consumers"]) == ["0", "1"]  # both processes' positions
     if (killed / "model").exists():
         pytest.fail("the run finished before it could be killed")
+    newest = sorted((killed / "checkpoints").glob("step-*"))[-1]
+    state = json.loads((newest / "state.json").read_text())
+    assert sorted(state["position"]["stream"]["consumers"]) == ["0", "1"]  # both processes' positions
     resumed = subprocess.run([sys.executable, *common, "--out", str(killed), "--resume"], env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -262,10 +262,12 @@ class StreamPosition:
         return min((e for e, _ in self.consumers.values()), default=0)
 
     def merged(self, others: Iterable[StreamPosition]) -> StreamPosition:
-        """This process's position joined with the other processes' (each owns its own consumers)."""
+        """This process's position joined with the other processes'. Each reader's newest position wins:
+        after a resume every process also holds the other processes' readers at the checkpoint."""
         joined = StreamPosition(self.batches, dict(self.consumers), self.count)
         for other in others:
-            joined.consumers.update(other.consumers)
+            for consumer, position in other.consumers.items():
+                joined.consumers[consumer] = max(joined.consumers.get(consumer, position), position)
         return joined
 
     def to_json(self) -> dict:

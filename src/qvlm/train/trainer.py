@@ -215,6 +215,8 @@ def _train_stream(run: _Run) -> None:
     """Batches of an endless stream until the planned steps are done. `batch_in_epoch` counts the
     batches since the stream began (steps group `grad_accum` of them); `epoch` is the stream's
     slowest reader's."""
+    if run.position.step >= run.total_steps:  # resumed from the last step's checkpoint: nothing left
+        return
     run.stage.model.train()
     for batch in run.loader:
         run.stream.advance(batch)

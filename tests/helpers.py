@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qvlm.data.sequences import build_stage2_batch
+from qvlm.models.processing import build_stage2_batch
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
 SHAPES = ("square", "circle")

@@ -35,7 +35,7 @@ def tiny_trained_run(run: Path, steps: int = 40, lr: float = 1e-2, seed: int = 0
 
     An existing run there is reused, so several test modules can share one (training takes seconds).
     """
-    if (run / "model" / "qvlm.json").is_file():
+    if (run / "model" / "config.json").is_file():
         return run
     import torch
     from helpers import train_stage2_steps

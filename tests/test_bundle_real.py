@@ -148,7 +148,7 @@ def _onnx_file(tmp_path_factory) -> Path:
 def test_offline_preset_builds_a_vlm_that_runs_on_cpu(bundle):
     """End to end on the bundle: the `offline` preset's VLM (untrained adapter) forwards and generates."""
     from qvlm.config import get_preset
-    from qvlm.data.sequences import build_stage2_batch
+    from qvlm.models.processing import build_stage2_batch
     from qvlm.models.vlm import QVLM
 
     model = QVLM.build(get_preset("offline")).eval()

@@ -27,6 +27,8 @@ NOT_RUN = {
     ("fetch",): "downloads the 270 MB offline bundle: tests/test_bundle_real.py (bundle marker)",
     ("data", "easyvqa"): "copies easy-VQA's 5,000 images: tests/test_data_convert.py::test_easyvqa_command",
     ("bench",): "minutes at the paper sizes: tests/test_bench.py runs the same flags on the tiny preset",
+    ("push",): "uploads to the Hugging Face Hub: tests/test_hf.py::test_push_uploads_the_export_and_fails_clearly_offline"
+               " runs it with the network call mocked",
 }
 # What makes a documented line quick here: the tiny preset, two steps per stage.
 TINY = ["--set", "stage1.max_steps=2", "--set", "stage2.max_steps=2"]
@@ -185,7 +187,7 @@ def test_quickstart_commands_run_as_written(in_workspace, monkeypatch):
         os.symlink(trained(in_workspace), demo / "run")  # what `qvlm demo` leaves there
     ran = run_documented(ROOT / "docs" / "quickstart.md", monkeypatch)
     assert any(line.startswith("qvlm serve runs/mine") for line in ran)
-    assert (in_workspace / "runs" / "mine" / "model" / "qvlm.json").is_file()
+    assert (in_workspace / "runs" / "mine" / "model" / "lora" / "adapter_config.json").is_file()
 
 
 @pytest.mark.slow

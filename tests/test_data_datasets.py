@@ -123,7 +123,7 @@ def test_stage2_collator_with_stand_in():
 
 
 def test_stage2_collator_real_sequences():
-    sequences = pytest.importorskip("qvlm.data.sequences")
+    sequences = pytest.importorskip("qvlm.models.processing")
     if not hasattr(sequences, "build_stage2_batch"):
         pytest.skip("sequences.build_stage2_batch not written yet")
     tok = _tiny_chat_tokenizer()

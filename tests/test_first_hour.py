@@ -13,6 +13,7 @@ from qvlm.config import PRECISIONS, ConfigError, get_preset
 from qvlm.console import progress
 from qvlm.errors import QVLMError
 from qvlm.extras import EXTRA_OF, MissingExtra, missing_extra
+from qvlm.models.configuration import QVLMPretrainedConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_PACKAGES = ("fastapi", "starlette", "uvicorn", "httpx")
@@ -122,9 +123,8 @@ def test_init_with_another_qformer_config_names_the_fields(tmp_path):
 
     init = tmp_path / "s1" / "model"
     init.mkdir(parents=True)
-    (init / "qvlm.json").write_text("{}")
     (init / "model.safetensors").write_bytes(b"")  # never read: the config check comes first
-    get_preset("tiny").save(init / "config.json")
+    QVLMPretrainedConfig.from_qvlm_config(get_preset("tiny"), stage=1, qformer_spec={}).save_pretrained(init)
     config = get_preset("tiny").override(["qformer.num_queries=6", "qformer.embed_dim=24"])
     with pytest.raises(QVLMError) as e:
         stage2_model(config, tmp_path / "s1")

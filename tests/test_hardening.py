@@ -209,7 +209,7 @@ def test_abandoned_stream_waiting_in_the_queue_never_runs(slow_server):
 
 @pytest.mark.parametrize("position", ["before", "after"])
 def test_special_token_text_from_a_user_stays_text(position):
-    from qvlm.data.sequences import build_stage2_batch
+    from qvlm.models.processing import build_stage2_batch
     from qvlm.models.tiny import tiny_lm_tokenizer
 
     tok = tiny_lm_tokenizer()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import train_stage2_steps
 
-from qvlm.data.sequences import IGNORE, build_stage2_batch
 from qvlm.errors import QVLMError
+from qvlm.models.processing import IGNORE, build_stage2_batch
 from qvlm.models.qformer import build_attention_mask
 from qvlm.models.vlm import QVLM
 

@@ -14,8 +14,8 @@ from qvlm.data.cache import FeatureCache
 from qvlm.data.collate import Stage2Collator
 from qvlm.data.datasets import InstructionDataset
 from qvlm.data.records import read_records
-from qvlm.data.sequences import build_stage2_batch, truncated_answers
 from qvlm.errors import QVLMError
+from qvlm.models.processing import build_stage2_batch, truncated_answers
 from qvlm.models.vlm import QVLM
 from qvlm.train import stages, trainer
 from qvlm.train.optim import stage1_param_groups, stage2_param_groups

@@ -32,8 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from qvlm import precision
 from qvlm.config import ConfigError, QVLMConfig, get_preset
 from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
-from qvlm.data.sequences import build_stage2_batch
 from qvlm.models.objectives import Stage1Objective
+from qvlm.models.processing import build_stage2_batch
 from qvlm.models.vlm import QVLM
 from qvlm.train.optim import build_optimizer, stage1_param_groups, stage2_param_groups
 
@@ -235,16 +235,17 @@ class Bench:
         return rows
 
     def generate(self, batch: int, new_tokens: int = 16) -> dict:
-        """Greedy decoding of exactly `new_tokens` tokens (EOS disabled): latency and tokens/s."""
+        """Greedy decoding of exactly `new_tokens` tokens (EOS disabled): latency and tokens/s. Timed from
+        encoded images: the Q-Former, the adapter and the LM's decoding, as `model.generate` runs them."""
         images, _ = synthetic_batch(batch, self.size, seed=3)
         features = self.model.encode_images(images)
         self.model.eval()
-        inputs = self.model._generation_inputs(features, [DEFAULT_CAPTION_PROMPT] * batch)
-        kwargs = {**self.model._generation_kwargs(max_new_tokens=new_tokens), "eos_token_id": None,
-                  "min_new_tokens": new_tokens}
+        inputs = self.model.processor(text=[DEFAULT_CAPTION_PROMPT] * batch)
+        kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "temperature": 0.0,
+                  "num_beams": 1, "eos_token_id": None}
         with torch.inference_mode():  # as `qvlm caption` / `ask` / `serve` run it (the LM in `lm.dtype`)
-            seconds = _timed(lambda: self.model.lm.generate(**inputs, **kwargs), 1, max(1, self.steps // 2),
-                             self.device)
+            seconds = _timed(lambda: self.model.generate(**inputs, image_features=features, **kwargs), 1,
+                             max(1, self.steps // 2), self.device)
         return {"batch": batch, "new_tokens": new_tokens, "latency_s": seconds,
                 "tokens_per_s": batch * new_tokens / seconds}
 

@@ -95,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
 
 def run_dir_of(path: Path) -> Path:
     """The run folder of RUN or RUN/model (outputs belong next to the run, not inside model/)."""
-    return path.parent if path.name == "model" and (path / "qvlm.json").is_file() else path
+    from qvlm.models.vlm import is_model_folder
+
+    return path.parent if path.name == "model" and is_model_folder(path) else path
 
 
 def format_table(result: dict[str, Any]) -> str:

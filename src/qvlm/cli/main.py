@@ -11,7 +11,7 @@ from qvlm import __version__
 from qvlm.console import quiet_libraries
 
 # Modules under qvlm.cli, each exposing `register(subparsers)`; the order is the order in --help.
-COMMAND_MODULES: list[str] = ["info", "fetch", "data", "train", "infer", "evaluate", "report", "search", "serve", "demo", "bench"]
+COMMAND_MODULES: list[str] = ["info", "fetch", "data", "train", "infer", "evaluate", "report", "search", "serve", "export", "demo", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: `qvlm train` records it for the model card
     if not hasattr(args, "func"):
         parser.print_help()
         return 2

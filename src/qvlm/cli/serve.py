@@ -108,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
 
 def served_model_id(path: Path) -> str:
     """The run folder's name; for RUN/model, the run's name rather than "model"."""
+    from qvlm.models.vlm import is_model_folder
+
     path = path.resolve()
-    if path.name == "model" and (path / "qvlm.json").is_file():
+    if path.name == "model" and is_model_folder(path):
         return path.parent.name
     return path.name

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
-from qvlm.data.sequences import qformer_text_inputs
+from qvlm.models.processing import qformer_text_inputs
 
 
 def _stack_image(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -40,7 +40,7 @@ class Stage1Collator:
 
 
 class Stage2Collator:
-    """Batch for instruction tuning: token tensors from `sequences.build_stage2_batch` plus the image.
+    """Batch for instruction tuning: token tensors from `models.processing.build_stage2_batch` plus the image.
 
     Returns {features | pixel_values, input_ids [B, L], attention_mask [B, L], image_mask [B, L],
     labels [B, L], prompts, answers (the target), references (all answers), answer_types, image_keys},
@@ -59,7 +59,7 @@ class Stage2Collator:
         self.system_prompt = system_prompt
         self.max_answer_tokens = max_answer_tokens
         if build_batch is None:
-            from qvlm.data.sequences import build_stage2_batch as build_batch
+            from qvlm.models.processing import build_stage2_batch as build_batch
         self.build_batch = build_batch
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:

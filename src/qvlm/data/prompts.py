@@ -1,4 +1,4 @@
-"""User-turn texts for stage 2. The chat template and the image slot are applied by `sequences.py`.
+"""User-turn texts for stage 2. The chat template and the image slot are applied by `models/processing.py`.
 
 Caption records get a prompt drawn at random from `CAPTION_PROMPTS` (as the article does), so the model
 learns to caption whatever the wording; VQA records use the question itself.
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import random
 
+from qvlm.models.processing import DEFAULT_CAPTION_PROMPT
+
 CAPTION_PROMPTS: list[str] = [
-    "Describe this image.",
+    DEFAULT_CAPTION_PROMPT,  # the first, and what `qvlm caption` asks at inference
     "What is shown in the picture?",
     "Write a short caption for this image.",
     "What do you see in this image?",
@@ -18,8 +20,6 @@ CAPTION_PROMPTS: list[str] = [
     "What does this image show?",
     "Summarize the content of the image in one sentence.",
 ]
-
-DEFAULT_CAPTION_PROMPT = CAPTION_PROMPTS[0]  # what `qvlm caption` asks at inference
 
 
 def sample_caption_prompt(rng: random.Random, prompts: list[str] | None = None) -> str:

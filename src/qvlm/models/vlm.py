@@ -3,27 +3,30 @@
     image ─► FrozenVisionEncoder ─► features [B, P, Dv]
     features ─► QFormer.image_queries ─► [B, Nq, Dq] ─► adapter (MLP) ─► [B, Nq, Dlm]
               (instruction-aware: QFormer.instructed_queries, the user's text read alongside)
-    the Nq adapter outputs replace the image-slot embeddings of the prompt (see data/sequences.py)
+    the Nq adapter outputs replace the image-slot embeddings of the prompt (see models/processing.py)
 
 A stage-1 model has no LM (`lm is None`): it is the Q-Former and its heads, for retrieval.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     StoppingCriteria,
     StoppingCriteriaList,
     TextIteratorStreamer,
@@ -31,15 +34,21 @@ from transformers import (
 
 from qvlm import hub
 from qvlm.config import LMConfig, QVLMConfig
-from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
-from qvlm.data.sequences import IGNORE, build_stage2_batch, qformer_text_inputs
 from qvlm.errors import QVLMError
+from qvlm.models.configuration import FORMAT_VERSION, MODEL_TYPE, QVLMPretrainedConfig
+from qvlm.models.processing import (
+    DEFAULT_CAPTION_PROMPT,
+    IGNORE,
+    QVLMProcessor,
+    completion_lengths,
+    image_processor_for,
+)
 from qvlm.models.qformer import QFormer, TextEncoderSpec
 from qvlm.models.tiny import random_model, tiny_lm_tokenizer
 from qvlm.models.vision import FrozenVisionEncoder
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "model.safetensors"  # the Q-Former's and the adapter's weights (`qformer.*`, `adapter.*`)
+LORA_FOLDER = "lora"  # the LoRA as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
 
 
 def build_adapter(qformer_width: int, lm_width: int, hidden: int | None = None) -> nn.Sequential:
@@ -82,6 +91,9 @@ class QVLM(nn.Module):
         if lm is not None:
             lm_width = lm.get_base_model().config.hidden_size
             self.adapter = build_adapter(qformer.spec.hidden, lm_width, config.lm.adapter_hidden)
+            # Ours replaces the LM's own: an instruct LM's sampling defaults would otherwise leak into `generate`.
+            lm.get_base_model().generation_config = default_generation_config(config, tokenizer)
+        self._processor: QVLMProcessor | None = None
         self._generate_lock = threading.Lock()  # generate() is not thread-safe; callers queue here
 
     @classmethod
@@ -174,60 +186,94 @@ class QVLM(nn.Module):
 
     # -- generation ----------------------------------------------------------------------------------
 
-    def _generation_inputs(self, features: torch.Tensor, user_texts: list[str]) -> dict:
-        lm_cfg = self.config.lm
-        batch = build_stage2_batch(self.tokenizer, user_texts, None, self.qformer.num_queries,
-                                   lm_cfg.image_position, lm_cfg.system_prompt)
-        qformer_text = qformer_text_inputs(self.text_tokenizer, user_texts, self.config.qformer.max_text_len) \
-            if self.config.qformer.instruction_aware else {}
-        batch = {k: v.to(self.device) for k, v in (batch | qformer_text).items()}
-        embeds = self.embed_inputs(features, batch["input_ids"], batch["image_mask"],
-                                   **{k: batch[k] for k in qformer_text})
-        return {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]}
+    @property
+    def processor(self) -> QVLMProcessor:
+        """Images and user texts -> this model's `generate` inputs: `model.processor(images=..., text=...)`."""
+        self._require_lm()
+        if self._processor is None:
+            image_processor = image_processor_for(self.vision.image_size, self.vision.mean.flatten().tolist(),
+                                                  self.vision.std.flatten().tolist())
+            cfg = self.config
+            self._processor = QVLMProcessor(image_processor, self.tokenizer, self.text_tokenizer,
+                                            num_query_tokens=self.qformer.num_queries,
+                                            image_position=cfg.lm.image_position, system_prompt=cfg.lm.system_prompt,
+                                            qformer_max_length=cfg.qformer.max_text_len,
+                                            instruction_aware=cfg.qformer.instruction_aware)
+        return self._processor
 
-    def _generation_kwargs(self, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                           num_beams: int = 1, repetition_penalty: float = 1.0) -> dict:
-        sample = temperature > 0
-        kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": sample,
-                  "repetition_penalty": repetition_penalty, "eos_token_id": self.tokenizer.eos_token_id,
-                  "pad_token_id": self.tokenizer.pad_token_id}
-        if sample:
-            kwargs.update(temperature=temperature, top_p=top_p)
-        else:  # don't inherit sampling settings from the LM's generation_config
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        return kwargs
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The defaults `generate` starts from (greedy unless the config's `generation` section says
+        otherwise); written to generation_config.json."""
+        self._require_lm()
+        return self.lm.get_base_model().generation_config
 
     @torch.no_grad()
-    def generate_from_features(self, features: torch.Tensor, user_texts: list[str], **gen) -> list[str]:
-        """Greedy by default; `temperature>0` samples (with top_p), `num_beams>1` beam search."""
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_mask: torch.Tensor,
+                 pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                 qformer_input_ids: torch.Tensor | None = None, qformer_attention_mask: torch.Tensor | None = None,
+                 **generate_kwargs):
+        """`processor(...)` outputs -> the LM's `generate` on the prompt embeddings with the image inside.
+
+        Pass `pixel_values` [B, 3, S, S], or `image_features` [B, P, Dv] already encoded (a feature
+        cache). Every transformers generation argument passes through: num_beams, do_sample, top_k,
+        top_p, min_new_tokens, no_repeat_ngram_size, num_return_sequences, streamer, stopping_criteria,
+        return_dict_in_generate, ... (`with_sampling_rule`: temperature > 0 alone samples). Returns the
+        new tokens only, [B * num_return_sequences, T] (rows that ended early are padded;
+        `completion_lengths` counts each row's real tokens), or a transformers GenerateOutput with
+        `return_dict_in_generate=True`.
+        """
         self._require_lm()
-        with self._generate_lock:
-            out = self.lm.generate(**self._generation_inputs(features, user_texts), **self._generation_kwargs(**gen))
-        # With inputs_embeds only, generate returns just the new tokens.
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        if image_features is None:
+            if pixel_values is None:
+                raise QVLMError("generate needs the images: pass pixel_values (from model.processor) or "
+                                "image_features (from model.encode_images)")
+            image_features = self.vision(pixel_values)
+        device = self.device
+        qformer_text = {}
+        if qformer_input_ids is not None:
+            qformer_text = {"qformer_input_ids": qformer_input_ids.to(device),
+                            "qformer_attention_mask": qformer_attention_mask.to(device)}
+        embeds = self.embed_inputs(image_features, input_ids.to(device), image_mask.to(device), **qformer_text)
+        with self._generate_lock:  # the LM's generate is not thread-safe
+            return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask.to(device),
+                                    **with_sampling_rule(generate_kwargs))
 
-    def answer(self, images: list[Image.Image], user_texts: list[str], **gen) -> list[str]:
-        return self.generate_from_features(self.encode_images(images), user_texts, **gen)
+    def generate_text(self, image_features: torch.Tensor, user_texts: list[str], **generate_kwargs) -> Completions:
+        """Encoded images [B, P, Dv] and one user text each -> the decoded answers with their real token
+        counts (`num_return_sequences=n` gives n answers per image, in order)."""
+        inputs = self.processor(text=user_texts)
+        ids = self.generate(**inputs, image_features=image_features, **generate_kwargs)
+        counts, stopped = completion_lengths(ids, self.tokenizer.eos_token_id)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        prompt_tokens = inputs["attention_mask"].sum(-1).tolist()
+        repeat = len(texts) // len(user_texts)  # num_return_sequences
+        return Completions(texts, [n for n in prompt_tokens for _ in range(repeat)], counts, stopped)
 
-    def caption(self, images: list[Image.Image], prompt: str = DEFAULT_CAPTION_PROMPT, **gen) -> list[str]:
-        return self.answer(images, [prompt] * len(images), **gen)
+    def generate_from_features(self, features: torch.Tensor, user_texts: list[str], **generate_kwargs) -> list[str]:
+        """Encoded images [B, P, Dv] and one user text each -> the answers (greedy by default)."""
+        return self.generate_text(features, user_texts, **generate_kwargs).texts
 
-    def stream(self, image: Image.Image, user_text: str, **gen) -> Iterator[str]:
-        """Yield the answer as text pieces while it is generated (one image, one prompt)."""
+    def answer(self, images: list[Image.Image], user_texts: list[str], **generate_kwargs) -> list[str]:
+        return self.generate_from_features(self.encode_images(images), user_texts, **generate_kwargs)
+
+    def caption(self, images: list[Image.Image], prompt: str = DEFAULT_CAPTION_PROMPT, **generate_kwargs) -> list[str]:
+        return self.answer(images, [prompt] * len(images), **generate_kwargs)
+
+    def stream(self, image: Image.Image, user_text: str, streamer: TextIteratorStreamer | None = None,
+               **generate_kwargs) -> Iterator[str]:
+        """Yield the answer as text pieces while it is generated (one image, one prompt). Pass a
+        `TokenCountingStreamer` to read the real token count afterwards."""
         self._require_lm()
-        features = self.encode_images([image])
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        with torch.no_grad():
-            inputs = self._generation_inputs(features, [user_text])
+        streamer = streamer or TokenCountingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        inputs = self.processor(images=[image], text=[user_text])
         stop = threading.Event()  # set when the caller stops reading (a client that left)
-        kwargs = {**inputs, **self._generation_kwargs(**gen), "streamer": streamer,
-                  "stopping_criteria": StoppingCriteriaList([_StopWhenSet(stop)])}
+        criteria = StoppingCriteriaList([_StopWhenSet(stop), *generate_kwargs.pop("stopping_criteria", [])])
         errors: list[BaseException] = []
 
         def run() -> None:
             try:
-                with self._generate_lock, torch.no_grad():
-                    self.lm.generate(**kwargs)
+                self.generate(**inputs, streamer=streamer, stopping_criteria=criteria, **generate_kwargs)
             except BaseException as e:  # surfaced to the caller below
                 errors.append(e)
                 streamer.end()
@@ -248,42 +294,51 @@ class QVLM(nn.Module):
 
     # -- save / load ---------------------------------------------------------------------------------
 
-    def save_pretrained(self, path: str | Path, export_full: bool = False) -> None:
-        """Write config.json, qvlm.json and model.safetensors (trainable parts) into `path`.
+    def pretrained_config(self) -> QVLMPretrainedConfig:
+        """This model's config.json: a transformers config (`model_type="qvlm"`) holding our config."""
+        return QVLMPretrainedConfig.from_qvlm_config(self.config, self.stage, vars(self.qformer.spec))
 
+    def save_pretrained(self, path: str | Path, export_full: bool = False, run_dir: str | Path | None = None) -> None:
+        """Write a model folder that transformers and peft read (docs/inference.md#model-folders).
+
+        config.json (`model_type` "qvlm"), model.safetensors (Q-Former and adapter), and for stage 2 the
+        LoRA as a PEFT adapter folder (lora/), generation_config.json and the processor's files (the LM's
+        tokenizer at the top, the Q-Former's in qformer_tokenizer/); README.md is a model card with the
+        metrics of `run_dir` (by default the parent folder when it holds a metrics.jsonl: RUN/model).
         Frozen backbones are referenced by name, not copied, unless `export_full` or they were randomly
         initialised (then they are saved as `vision/` and `lm/` transformers folders). Files are written
         to a temporary folder and renamed into place, so an interrupted save never leaves a folder that
         looks complete.
         """
+        from qvlm.models.card import write_model_card
         from qvlm.utils import atomic_folder
 
-        config = QVLMConfig.from_dict(self.config.to_dict())
+        path = Path(path)
         with atomic_folder(path) as tmp:
             weights = {f"qformer.{k}": v for k, v in self.qformer.state_dict().items()}
             if self.lm is not None:
                 weights |= {f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}
-                weights |= {f"lora.{k}": v for k, v in get_peft_model_state_dict(self.lm).items()}
-                self.tokenizer.save_pretrained(tmp / "tokenizer")
-                if export_full or config.lm.random_init is not None:
+                self.lm.save_pretrained(tmp / LORA_FOLDER)
+                self.processor.save_pretrained(tmp)
+                self.generation_config.save_pretrained(tmp)
+                if export_full or self.config.lm.random_init is not None:
                     self._save_base_lm(tmp / "lm")
-            self.text_tokenizer.save_pretrained(tmp / "qformer_tokenizer")
-            if export_full or config.vision.random_init is not None:
+            else:  # no LM tokenizer: the image processor and the Q-Former's tokenizer on their own
+                self.text_tokenizer.save_pretrained(tmp / "qformer_tokenizer")
+                image_processor_for(self.vision.image_size, self.vision.mean.flatten().tolist(),
+                                    self.vision.std.flatten().tolist()).save_pretrained(tmp)
+            if export_full or self.config.vision.random_init is not None:
                 self._save_vision(tmp / "vision")
             save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS_FILE,
                       metadata={"format": "pt"})
-            meta = {"format_version": FORMAT_VERSION, "stage": self.stage,
-                    "qformer_spec": vars(self.qformer.spec)}
-            (tmp / "qvlm.json").write_text(json.dumps(meta, indent=2) + "\n")
-            config.save(tmp / "config.json")
+            self.pretrained_config().save_pretrained(tmp)
+            run_dir = Path(run_dir) if run_dir is not None else path.parent
+            write_model_card(tmp, self, run_dir if (run_dir / "metrics.jsonl").is_file() else None)
 
     def _save_vision(self, folder: Path) -> None:
-        from transformers import ViTImageProcessor
-
         self.vision.backbone.save_pretrained(folder)
-        size = self.vision.image_size
-        ViTImageProcessor(size={"height": size, "width": size}, image_mean=self.vision.mean.flatten().tolist(),
-                          image_std=self.vision.std.flatten().tolist()).save_pretrained(folder)
+        image_processor_for(self.vision.image_size, self.vision.mean.flatten().tolist(),
+                            self.vision.std.flatten().tolist()).save_pretrained(folder)
 
     def _save_base_lm(self, folder: Path) -> None:
         base = self.lm.get_base_model()
@@ -296,31 +351,36 @@ class QVLM(nn.Module):
         save_file(weights, folder / WEIGHTS_FILE, metadata={"format": "pt"})
         self.tokenizer.save_pretrained(folder)
 
+    def merged_lm(self):
+        """A plain transformers causal LM with the LoRA folded into its weights (a copy; this model is
+        unchanged). It reads token ids only: the image path needs the QVLM around it."""
+        self._require_lm()
+        return copy.deepcopy(self.lm).merge_and_unload()
+
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> QVLM:
-        """Load a folder written by `save_pretrained` (or a run folder holding one in `model/`)."""
+        """Load a folder written by `save_pretrained` (or a run folder holding one in `model/`); folders
+        of the earlier format (with qvlm.json) load too, and `qvlm export` rewrites them."""
         folder = model_folder(Path(path))
-        meta = json.loads((folder / "qvlm.json").read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise QVLMError(f"{folder} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        config = QVLMConfig.load(folder / "config.json")
+        config, stage, spec = read_config(folder)
         if (folder / "vision").is_dir():
             config.vision.name, config.vision.random_init = str(folder / "vision"), None
         vision = FrozenVisionEncoder.build(config.vision)
-        qformer = QFormer(config.qformer, TextEncoderSpec(**meta["qformer_spec"]), vision.width)
+        qformer = QFormer(config.qformer, TextEncoderSpec(**spec), vision.width)
         text_tokenizer = hub.from_pretrained(AutoTokenizer.from_pretrained, str(folder / "qformer_tokenizer"),
                                              "Q-Former tokenizer")
         lm = tokenizer = None
-        if meta["stage"] == 2:
+        if stage == 2:
             lm_folder = folder / "lm"
             lm, tokenizer = build_lm(config.lm, weights_from=str(lm_folder) if lm_folder.is_dir() else None)
-            tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+            legacy = (folder / LEGACY_META).is_file()
+            tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer" if legacy else folder)
         model = cls(config, vision, qformer, text_tokenizer, lm, tokenizer)
-        model.load_trainable(load_file(folder / WEIGHTS_FILE), source=str(folder))
+        model.load_trainable(read_trainable(folder), source=str(folder))
         return model.to(device).eval()
 
     def load_trainable(self, weights: dict[str, torch.Tensor], source: str) -> None:
-        """Load the `qformer.` / `adapter.` / `lora.` weights written by `save_pretrained`."""
+        """Load the `qformer.` / `adapter.` / `lora.` weights `read_trainable` returns."""
         parts = {"qformer": {}, "adapter": {}, "lora": {}}
         for key, value in weights.items():
             part, _, name = key.partition(".")
@@ -338,6 +398,52 @@ class QVLM(nn.Module):
             raise QVLMError(f"{source}: weights do not match the config: {str(e).splitlines()[0]}") from e
 
 
+def default_generation_config(config: QVLMConfig, tokenizer) -> GenerationConfig:
+    """Greedy decoding of at most 32 new tokens, or what the config's `generation` section sets."""
+    section = getattr(config, "generation", None)
+    settings = {k: v for k, v in vars(section).items() if v is not None} if section is not None else {}
+    return GenerationConfig(**with_sampling_rule({"max_new_tokens": 32, **settings}),
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def with_sampling_rule(kwargs: dict) -> dict:
+    """qvlm's rule over transformers' (its CLI flags, server fields and config): without an explicit
+    `do_sample`, a temperature > 0 samples and a temperature of 0 decodes greedily (sampling settings
+    dropped). transformers alone would ignore a temperature unless do_sample=True."""
+    if "do_sample" in kwargs or "temperature" not in kwargs:
+        return kwargs
+    if kwargs["temperature"] and kwargs["temperature"] > 0:
+        return kwargs | {"do_sample": True}
+    return kwargs | {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+@dataclass
+class Completions:
+    """What `generate_text` produced, one entry per answer: the text, the prompt's token count (image
+    slot included), the generated token count (EOS included) and whether it ended with EOS."""
+
+    texts: list[str]
+    prompt_tokens: list[int]
+    completion_tokens: list[int]
+    stopped: list[bool]
+
+
+class TokenCountingStreamer(TextIteratorStreamer):
+    """A TextIteratorStreamer (batch of one) that counts the tokens generated (`tokens`) and notes
+    whether the last one was EOS (`stopped`)."""
+
+    def __init__(self, tokenizer, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.tokens = 0
+        self.stopped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not (self.skip_prompt and self.next_tokens_are_prompt) and value.numel():
+            self.tokens += value.numel()
+            self.stopped = int(value.reshape(-1)[-1]) == self.tokenizer.eos_token_id
+        super().put(value)
+
+
 class _StopWhenSet(StoppingCriteria):
     """Ends generation once `event` is set (every row of the batch)."""
 
@@ -348,13 +454,53 @@ class _StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+LEGACY_META = "qvlm.json"  # format 1: meta file beside our own nested config.json
+
+
+def is_model_folder(path: Path) -> bool:
+    """A folder written by `save_pretrained` (this format or the earlier one)."""
+    config = path / "config.json"
+    if (path / LEGACY_META).is_file():
+        return True
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
 def model_folder(path: Path) -> Path:
+    """The model folder of a run folder (RUN/model) or of a model folder itself."""
     for candidate in (path, path / "model"):
-        if (candidate / "qvlm.json").is_file():
+        if is_model_folder(candidate):
             missing = [f for f in ("config.json", WEIGHTS_FILE) if not (candidate / f).is_file()]
             if missing:
                 raise QVLMError(f"{candidate} is incomplete: missing {', '.join(missing)}")
             return candidate
     if not path.exists():
         raise QVLMError(f"no such model or run folder: {path}")
-    raise QVLMError(f"{path} is not a qvlm model folder (no qvlm.json); pass a run folder or its model/ folder")
+    raise QVLMError(f"{path} is not a qvlm model folder (no config.json with model_type {MODEL_TYPE!r}); "
+                    "pass a run folder or its model/ folder")
+
+
+def read_config(folder: Path) -> tuple[QVLMConfig, int, dict]:
+    """A model folder's (config, stage, Q-Former text-encoder shape), in either format."""
+    if (folder / LEGACY_META).is_file():
+        meta = json.loads((folder / LEGACY_META).read_text())
+        if meta.get("format_version") != 1:
+            raise QVLMError(f"{folder} has format version {meta.get('format_version')}; this qvlm reads 1 and "
+                            f"{FORMAT_VERSION}")
+        return QVLMConfig.load(folder / "config.json"), meta["stage"], meta["qformer_spec"]
+    pretrained = QVLMPretrainedConfig.from_pretrained(folder)
+    if pretrained.qvlm_format_version > FORMAT_VERSION:
+        raise QVLMError(f"{folder} was written by a newer qvlm (format {pretrained.qvlm_format_version}, this "
+                        f"one reads up to {FORMAT_VERSION}): upgrade qvlm")
+    return pretrained.to_qvlm_config(), pretrained.stage, pretrained.qformer_spec
+
+
+def read_trainable(folder: Path) -> dict[str, torch.Tensor]:
+    """A model folder's trainable weights as `qformer.` / `adapter.` / `lora.` keys (both formats)."""
+    weights = load_file(folder / WEIGHTS_FILE)
+    lora = folder / LORA_FOLDER / "adapter_model.safetensors"
+    if lora.is_file():
+        weights |= {f"lora.{k}": v for k, v in load_file(lora).items()}
+    return weights

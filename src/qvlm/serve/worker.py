@@ -1,5 +1,5 @@
 """One thread owns the model: requests queue here, and non-streamed ones with equal generation settings
-are answered together in one batched `model.answer` call.
+are answered together in one batched `model.generate_text` call.
 
 `model.generate` is not thread-safe and CPU inference is already parallel inside torch, so running
 requests in parallel threads would be both unsafe and no faster; batching is what raises throughput.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from qvlm.data.sequences import build_stage2_batch
+from qvlm.models.vlm import TokenCountingStreamer
 from qvlm.serve.chat import GenSettings
 from qvlm.serve.errors import APIError
 
@@ -136,31 +136,23 @@ class ModelWorker:
         live = [j for j in batch if not _drop_if_cancelled(j)]
         if not live:
             return
-        texts = self.model.answer([j.image for j in live], [j.text for j in live], **live[0].gen.kwargs())
-        for job, text in zip(live, texts, strict=True):
-            job.future.set_result(self._result(job, text))
+        features = self.model.encode_images([j.image for j in live])
+        done = self.model.generate_text(features, [j.text for j in live], **live[0].gen.kwargs())
+        for i, job in enumerate(live):
+            job.future.set_result(Result(done.texts[i], done.prompt_tokens[i], done.completion_tokens[i],
+                                         "stop" if done.stopped[i] else "length"))
 
     def _stream(self, job: Job) -> None:
         pieces = []
-        for piece in self.model.stream(job.image, job.text, **job.gen.kwargs()):
+        streamer = TokenCountingStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        for piece in self.model.stream(job.image, job.text, streamer=streamer, **job.gen.kwargs()):
             pieces.append(piece)
             job.on_piece(piece)
             if job.cancelled.is_set():
                 break  # closing model.stream's generator stops its generation at the next token
-        job.future.set_result(self._result(job, "".join(pieces).strip()))
-
-    def _result(self, job: Job, text: str) -> Result:
-        """Token counts: the prompt as the model saw it (image slots included), exact; the answer
-        re-tokenised (the model returns text, not ids), capped at max_new_tokens which it cannot exceed."""
-        model, tok = self.model, self.model.tokenizer
-        lm_cfg = model.config.lm
-        prompt = build_stage2_batch(tok, [job.text], None, model.qformer.num_queries, lm_cfg.image_position,
-                                    lm_cfg.system_prompt)
-        prompt_tokens = int(prompt["attention_mask"].sum())
-        completion_tokens = len(tok(text, add_special_tokens=False).input_ids) if text else 0
-        completion_tokens = min(completion_tokens, job.gen.max_new_tokens)
-        finish = "length" if completion_tokens >= job.gen.max_new_tokens else "stop"
-        return Result(text, prompt_tokens, completion_tokens, finish)
+        prompt_tokens = int(self.model.processor(text=[job.text])["attention_mask"].sum())
+        job.future.set_result(Result("".join(pieces).strip(), prompt_tokens, streamer.tokens,
+                                     "stop" if streamer.stopped else "length"))
 
 
 def _drop_if_cancelled(job: Job) -> bool:

@@ -1,10 +1,11 @@
-"""Stage-2 token sequences: `[prompt with the image slot][answer tokens][EOS]`, left-padded.
+"""Prompts, stage-2 token sequences and `QVLMProcessor` (what turns images and text into model inputs).
 
-The prompt is the user turn rendered with the LM's own chat template. The image slot is `num_queries`
-placeholder positions whose embeddings the model replaces with the adapter outputs (`image_mask`).
-Labels are -100 everywhere except on the answer tokens and the EOS that ends them: the EOS target is kept
-even when the tokenizer's pad token *is* EOS (SmolLM2), otherwise the model never learns to stop. An
-answer cut at `max_answer_tokens` gets no EOS: stopping there would teach the model to stop mid-sentence.
+A stage-2 sequence is `[prompt with the image slot][answer tokens][EOS]`, left-padded. The prompt is the
+user turn rendered with the LM's own chat template. The image slot is `num_queries` placeholder positions
+whose embeddings the model replaces with the adapter outputs (`image_mask`). Labels are -100 everywhere
+except on the answer tokens and the EOS that ends them: the EOS target is kept even when the tokenizer's
+pad token *is* EOS (SmolLM2), otherwise the model never learns to stop. An answer cut at
+`max_answer_tokens` gets no EOS: stopping there would teach the model to stop mid-sentence.
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ from __future__ import annotations
 import re
 
 import torch
+from PIL import Image
+from transformers import BatchFeature, ProcessorMixin
+from transformers.image_utils import PILImageResampling
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
+DEFAULT_CAPTION_PROMPT = "Describe this image."  # what `qvlm caption` asks at inference
 IMAGE_MARKER = "<image>"
 USER_MARKER = "<qvlm-user-text>"  # where the user text goes: it is tokenised apart, see prompt_token_ids
 IGNORE = -100
@@ -124,3 +130,68 @@ def qformer_text_inputs(tokenizer, texts: list[str], max_len: int) -> dict[str, 
     """The user texts as the Q-Former's tokens (instruction-aware models): ids and mask [B, T]."""
     tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
     return {"qformer_input_ids": tokens.input_ids, "qformer_attention_mask": tokens.attention_mask}
+
+
+def completion_lengths(sequences: torch.Tensor, eos_token_id: int) -> tuple[list[int], list[bool]]:
+    """What `generate` really produced per row: new-token ids [B, T] (rows that ended early are padded)
+    -> the token count up to and including the row's first EOS, and whether it ended with EOS (False:
+    cut at max_new_tokens or by a stopping criterion)."""
+    is_eos = sequences == eos_token_id  # [B, T]
+    stopped = is_eos.any(-1)
+    counts = torch.where(stopped, is_eos.int().argmax(-1) + 1, sequences.shape[-1])
+    return counts.tolist(), stopped.tolist()
+
+
+def image_processor_for(image_size: int, mean, std) -> ViTImageProcessorPil:
+    """The transformers image processor that reproduces `FrozenVisionEncoder.preprocess` exactly
+    (bicubic resize to a square, rescale to [0, 1], normalise); RGB conversion happens before it."""
+    return ViTImageProcessorPil(size={"height": image_size, "width": image_size}, resample=PILImageResampling.BICUBIC,
+                                image_mean=list(mean), image_std=list(std), do_convert_rgb=False)
+
+
+class QVLMProcessor(ProcessorMixin):
+    """Images and user texts -> QVLM inputs, called as transformers processors are:
+    `processor(images=..., text=...)`.
+
+    Each text is rendered into the LM's chat-templated prompt with the image slot expanded to
+    `num_query_tokens` positions (`image_mask`), then left-padded (`build_stage2_batch`); an
+    instruction-aware model also gets the text in the Q-Former's vocabulary. Without text, images get
+    the caption prompt. Returns a BatchFeature: pixel_values [B, 3, S, S], input_ids / attention_mask /
+    image_mask [B, L], and qformer_input_ids / qformer_attention_mask [B, T] when instruction-aware.
+    """
+
+    def __init__(self, image_processor, tokenizer, qformer_tokenizer, num_query_tokens: int = 32,
+                 image_position: str = "before", system_prompt: str | None = None, qformer_max_length: int = 32,
+                 instruction_aware: bool = False, **kwargs):
+        self.num_query_tokens = num_query_tokens
+        self.image_position = image_position
+        self.system_prompt = system_prompt
+        self.qformer_max_length = qformer_max_length
+        self.instruction_aware = instruction_aware
+        super().__init__(image_processor, tokenizer, qformer_tokenizer, **kwargs)
+
+    def __call__(self, images: Image.Image | list[Image.Image] | None = None, text: str | list[str] | None = None,
+                 **kwargs) -> BatchFeature:
+        images = [images] if isinstance(images, Image.Image) else images
+        if images is None and text is None:
+            raise ValueError("QVLMProcessor needs images=..., text=... or both")
+        texts = [text] if isinstance(text, str) else text
+        if texts is None:
+            texts = [DEFAULT_CAPTION_PROMPT] * len(images)
+        if images is not None and len(texts) == 1 < len(images):
+            texts = texts * len(images)  # one question about every image
+        if images is not None and len(texts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts: pass one text, or one per image")
+        out = build_stage2_batch(self.tokenizer, texts, None, self.num_query_tokens, self.image_position,
+                                 self.system_prompt)
+        if self.instruction_aware:
+            out |= qformer_text_inputs(self.qformer_tokenizer, texts, self.qformer_max_length)
+        if images is not None:
+            rgb = [image.convert("RGB") for image in images]
+            out["pixel_values"] = self.image_processor(rgb, return_tensors="pt").pixel_values
+        return BatchFeature(out)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        names = ["input_ids", "attention_mask", "image_mask", "pixel_values"]
+        return names + (["qformer_input_ids", "qformer_attention_mask"] if self.instruction_aware else [])

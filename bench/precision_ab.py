@@ -15,8 +15,8 @@ import statistics
 
 import torch
 
-from qvlm.bench import Bench, Recipe, bench_config
 from qvlm import precision
+from qvlm.bench import Bench, Recipe, bench_config
 
 RECIPES = {"fp32": {1: Recipe(bf16=False, frozen_bf16=False, math_attention=False),
                     2: Recipe(bf16=False, frozen_bf16=False, math_attention=False)},

@@ -213,7 +213,9 @@ def _generate(model: QVLM, samples, collate, batch_size: int, device) -> tuple[l
             continue
         # as long as a trained answer can be; with no cap (the article's), the decoding default
         longest = model.config.stage2.max_answer_tokens or model.config.generation.max_new_tokens or 32
-        preds += model.generate_from_features(batch["features"].to(device), batch["prompts"], max_new_tokens=longest)
+        # greedy whatever the config's `generation` section says: validation scores must be reproducible
+        preds += model.generate_from_features(batch["features"].to(device), batch["prompts"], max_new_tokens=longest,
+                                              temperature=0.0, num_beams=1)
         for key in items:
             items[key] += batch[key]
     return preds, items

@@ -15,6 +15,7 @@ from qvlm.data.collate import Stage2Collator
 from qvlm.data.datasets import InstructionDataset
 from qvlm.data.records import read_records
 from qvlm.errors import QVLMError
+from qvlm.models.objectives import ObjectiveOutput, Stage1Objective
 from qvlm.models.processing import build_stage2_batch, truncated_answers
 from qvlm.models.vlm import QVLM
 from qvlm.train import stages, trainer
@@ -53,8 +54,8 @@ def test_accumulation_never_spans_an_epoch_and_weights_the_remainder_step(shapes
         return optimizer
 
     monkeypatch.setattr(trainer, "build_optimizer", build_optimizer)
-    monkeypatch.setattr(trainer, "_step_loss",
-                        lambda wrapped, batch, stage, device: {"loss": wrapped.qformer.query_tokens.sum()})
+    monkeypatch.setattr(Stage1Objective, "forward", lambda self, features, captions, image_keys:
+                        ObjectiveOutput.weighted({"itc": self.qformer.query_tokens.sum()}, {"itc": 1.0}))
     config = get_preset("tiny").override(["stage1.grad_accum=2", "stage1.epochs=2", "stage1.grad_clip=0"])
     trainer.train(config, 1, str(shapes[0]), tmp_path / "run")
     assert len(grads) == 6  # 3 steps an epoch

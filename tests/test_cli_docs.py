@@ -14,7 +14,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from helpers import shape_image, write_shapes_dataset
+from helpers import shape_image, write_shape_shards, write_shapes_dataset
 from serve_support import running_server
 
 from qvlm.cli.main import build_parser, main
@@ -106,6 +106,7 @@ def workspace(tmp_path_factory):
     write_shapes_dataset(easy, n_train=16, n_val=8)
     (easy / "test.jsonl").write_text((easy / "val.jsonl").read_text())
     shape_image("red", "circle", seed=1).save(ws / "photo.jpg")
+    write_shape_shards(ws / "cc3m", records=332, shards=332)  # docs/data.md streams cc3m/{00000..00331}.tar
     (ws / "photos").mkdir()
     (ws / "my-photos").mkdir()
     for i, (colour, shape) in enumerate([("red", "circle"), ("blue", "square"), ("green", "circle"),

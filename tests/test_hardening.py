@@ -28,8 +28,8 @@ from serve_support import data_url, running_server, sample_image, sixteen_bit_pn
 
 from qvlm.cli.main import main
 from qvlm.errors import QVLMError
+from qvlm.models.vlm import Completions
 from qvlm.serve import ServeError, ServeSettings, create_app
-from qvlm.serve.worker import Result
 
 GiB = 1024**3
 
@@ -146,10 +146,19 @@ class SlowModel:
     def __init__(self, delay: float):
         self.delay, self.answered, self.streamed = delay, [], []
 
-    def answer(self, images, texts, **gen):
+    tokenizer = None  # token counting is the real model's; here every answer counts 1 token
+
+    def encode_images(self, images):
+        return images
+
+    def generate_text(self, features, texts, **gen):
         time.sleep(self.delay)
         self.answered += texts
-        return [f"answer to {t}" for t in texts]
+        ones = [1] * len(texts)
+        return Completions([f"answer to {t}" for t in texts], ones, ones, [True] * len(texts))
+
+    def processor(self, text):
+        return {"attention_mask": torch.ones(len(text), 1)}
 
     def stream(self, image, text, **gen):
         self.streamed.append(text)
@@ -160,7 +169,6 @@ class SlowModel:
 def slow_server():
     model = SlowModel(delay=0.6)
     app = create_app(model, "slow", ServeSettings(batch_size=1))
-    app.state.worker._result = lambda job, text: Result(text, 1, 1, "stop")
     with running_server(app) as url:
         yield model, url
 

@@ -144,7 +144,7 @@ class _Echo:
             return batch
         return run
 
-    def generate_from_features(self, features, prompts, max_new_tokens):
+    def generate_from_features(self, features, prompts, max_new_tokens, **decoding):
         return list(self.targets) if self.perfect else ["nothing at all"] * len(prompts)
 
 

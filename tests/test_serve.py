@@ -230,6 +230,7 @@ def test_client_leaving_mid_stream_does_not_break_the_server(client, server):
 
 
 def test_worker_batches_queued_requests_with_equal_settings():
+    from qvlm.models.vlm import Completions
     from qvlm.serve.chat import GenSettings
     from qvlm.serve.worker import Job, ModelWorker
 
@@ -241,19 +242,22 @@ def test_worker_batches_queued_requests_with_equal_settings():
         tokenizer = FakeTokenizer()
         calls: list[int] = []
 
-        def answer(self, images, texts, **gen):
-            self.calls.append(len(images))
-            return [f"ok {t}" for t in texts]
+        def encode_images(self, images):
+            return images
+
+        def generate_text(self, features, texts, **gen):
+            self.calls.append(len(features))
+            ones = [1] * len(texts)
+            return Completions([f"ok {t}" for t in texts], ones, ones, [True] * len(texts))
 
     worker = ModelWorker(FakeModel(), batch_size=4)
-    worker._result = lambda job, text: text  # token counting needs a real model
     greedy, sampled = GenSettings(8, 0.0, 1.0), GenSettings(8, 0.7, 0.9)
     jobs = [Job(sample_image(), str(i), greedy if i < 6 else sampled) for i in range(8)]
     for job in jobs:  # all queued before the worker starts: as under load
         worker.submit(job)
     worker.start()
     try:
-        assert [j.future.result(timeout=10) for j in jobs] == [f"ok {i}" for i in range(8)]
+        assert [j.future.result(timeout=10).text for j in jobs] == [f"ok {i}" for i in range(8)]
     finally:
         worker.stop()
     assert FakeModel.calls == [4, 2, 2]  # greedy batch capped at 4, the rest, then the sampled pair

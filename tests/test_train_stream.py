@@ -2,41 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import COLOURS, SHAPES, shape_image
+from helpers import write_shape_shards
 from safetensors.torch import load_file
 
 from qvlm.cli.main import main
-
-
-def write_shape_shards(root: Path, records: int = 40, shards: int = 4) -> str:
-    """The shapes of tests/helpers.py as img2dataset-style shards: png + txt caption + json question."""
-    root.mkdir(parents=True, exist_ok=True)
-    per = records // shards
-    for s in range(shards):
-        with tarfile.open(root / f"{s:05d}.tar", "w") as tar:
-            for i in range(s * per, (s + 1) * per):
-                colour, shape = list(COLOURS)[i % 4], SHAPES[(i // 4) % 2]
-                buf = io.BytesIO()
-                shape_image(colour, shape, seed=i).save(buf, format="PNG")
-                meta = {"question": "what color is the shape?", "answer": colour, "answer_type": "color"}
-                for ext, data in (("png", buf.getvalue()), ("txt", f"a {colour} {shape}".encode()),
-                                  ("json", json.dumps(meta).encode())):
-                    info = tarfile.TarInfo(f"{i:06d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    return f"{root}/{{00000..{shards - 1:05d}}}.tar"
 
 
 @pytest.fixture(scope="module")

@@ -96,8 +96,10 @@ def stage2(config: QVLMConfig, data: str, val: str | None, init: str | None, acc
                  train_set, val_set, collate,
                  train_set.lengths() if config.train.group_by_length and not config.train.stream
                  else _equal_lengths(train_set),
-                 stage2_param_groups(model, config), on_epoch=train_set.set_epoch, count=stats.count,
-                 log_fields=stats.log_fields, extra_validation=scores if val_set is not None else _nothing,
+                 stage2_param_groups(model, config),
+                 # caption prompts are redrawn each epoch; a stream draws them as it reads
+                 on_epoch=train_set.set_epoch if isinstance(train_set, InstructionDataset) else _nothing,
+                 count=stats.count, log_fields=stats.log_fields, extra_validation=scores if val_set is not None else _nothing,
                  after_training=stats.report)
 
 

@@ -76,3 +76,8 @@ def write_shape_shards(root: Path, records: int = 40, shards: int = 4) -> str:
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     return f"{root}/{{00000..{shards - 1:05d}}}.tar"
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

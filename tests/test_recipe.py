@@ -2,11 +2,10 @@
 stage-2 validation metrics and the best checkpoint."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_shapes_dataset
+from helpers import read_metrics, write_shapes_dataset
 
 from qvlm.cli.main import main
 from qvlm.config import ConfigError, get_preset
@@ -31,10 +30,6 @@ def shapes(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 # -- gradient accumulation ----------------------------------------------------------------------------
@@ -158,7 +153,7 @@ def _validation_data(shapes, tmp_path, tiny_config):
     return InstructionDataset(records, cache=cache), collate
 
 
-def test_stage2_generation_scores_vqa_by_accuracy_and_captions_by_caption_metrics(shapes, tmp_path, tiny_config):
+def test_stage2_generation_scores_vqa_by_accuracy_and_captions_by_captionread_metrics(shapes, tmp_path, tiny_config):
     val_set, collate = _validation_data(shapes, tmp_path, tiny_config)
     scores = {}
     for perfect in (True, False):
@@ -192,7 +187,7 @@ def stage2_run(shapes, tmp_path_factory):
 
 
 def test_stage2_logs_each_validation_metric_under_its_own_name(stage2_run):
-    val = [m for m in _metrics(stage2_run) if "val_loss" in m]
+    val = [m for m in read_metrics(stage2_run) if "val_loss" in m]
     assert [m["step"] for m in val] == [5, 10, 15, 20]
     for m in val:
         assert {"val_vqa_accuracy", "val_caption_cider", "val_caption_bleu4"} <= set(m)
@@ -204,13 +199,13 @@ def test_stage2_reports_how_many_answers_were_cut(stage2_run, shapes):
     tok = QVLM.from_pretrained(stage2_run).tokenizer
     answers = [r.get("caption") or r["answer"] for r in map(json.loads, shapes[0].read_text().splitlines())]
     expected = sum(len(tok(a, add_special_tokens=False).input_ids) > 4 for a in answers)
-    (report,) = [m for m in _metrics(stage2_run) if "truncated_answers" in m]
+    (report,) = [m for m in read_metrics(stage2_run) if "truncated_answers" in m]
     assert report["answers"] == len(answers) and 0 < expected < len(answers)
     assert report["truncated_answers"] == expected
 
 
 def test_keep_best_saves_the_lowest_val_loss_model_next_to_the_last(stage2_run, shapes, capsys):
-    val = [m for m in _metrics(stage2_run) if "val_loss" in m]
+    val = [m for m in read_metrics(stage2_run) if "val_loss" in m]
     best = min(val, key=lambda m: m["val_loss"])
     record = json.loads((stage2_run / "best" / "best.json").read_text())
     assert record == {"metric": "val_loss", "value": best["val_loss"], "step": best["step"]}

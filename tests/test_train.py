@@ -1,16 +1,14 @@
 """Training through the real CLI (issue 5): loss falls, resume is exact, NaN stops, safe files only."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_shapes_dataset
+from helpers import read_metrics, write_shapes_dataset
 from safetensors.torch import load_file
 
 from qvlm.cli.main import main
@@ -25,10 +23,6 @@ def shapes(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _train(stage, data, val, out, *extra):
@@ -46,8 +40,8 @@ def stage1_run(shapes, tmp_path_factory):
 
 
 def test_stage1_reduces_validation_loss(stage1_run):
-    val = [m["val_loss"] for m in _metrics(stage1_run) if "val_loss" in m]
-    train = [m for m in _metrics(stage1_run) if "itc" in m]
+    val = [m["val_loss"] for m in read_metrics(stage1_run) if "val_loss" in m]
+    train = [m for m in read_metrics(stage1_run) if "itc" in m]
     assert {"itc", "itm", "itg"} <= set(train[-1])
     assert val[-1] < val[0]
     assert (stage1_run / "model" / "model.safetensors").is_file()
@@ -57,7 +51,7 @@ def test_stage2_reduces_validation_loss_and_writes_safe_files(shapes, stage1_run
     out = tmp_path / "s2"
     assert _train("stage2", *shapes, out, "--init", str(stage1_run), "--set", "stage2.epochs=8",
                   "--set", "stage2.batch_size=8", "--set", "train.eval_every=5") == 0
-    val = [m for m in _metrics(out) if "val_loss" in m]
+    val = [m for m in read_metrics(out) if "val_loss" in m]
     assert val[-1]["val_loss"] < 0.8 * val[0]["val_loss"]
     assert (out / "model" / "model.safetensors").is_file()
     allowed = {".safetensors", ".json", ".jsonl", ".txt", ".jinja", ".md", ""}  # .md: the model card
@@ -78,7 +72,7 @@ def test_stage2_in_bf16_learns_and_saves_fp32_weights(shapes, stage1_run, tmp_pa
     assert _train("stage2", *shapes, out, "--init", str(stage1_run), "--set", "stage2.epochs=8",
                   "--set", "stage2.batch_size=8", "--set", "train.eval_every=5",
                   "--set", "stage2.mixed_precision=bf16", "--set", "vision.precision=bf16") == 0
-    val = [m for m in _metrics(out) if "val_loss" in m]
+    val = [m for m in read_metrics(out) if "val_loss" in m]
     assert val[-1]["val_loss"] < 0.8 * val[0]["val_loss"]
     weights = load_file(out / "model" / "model.safetensors")
     lora = load_file(out / "model" / "lora" / "adapter_model.safetensors")  # the PEFT adapter folder
@@ -94,7 +88,7 @@ def test_length_grouping_cuts_the_logged_padding(shapes, stage1_run, tmp_path):
         assert _train("stage2", *shapes, out, "--init", str(stage1_run), "--set", "stage2.batch_size=8",
                       "--set", "train.log_every=10", "--set", "train.eval_every=100",
                       "--set", f"train.group_by_length={grouped}") == 0
-        (record,) = [m for m in _metrics(out) if "pad_fraction" in m]  # one epoch of 10 steps
+        (record,) = [m for m in read_metrics(out) if "pad_fraction" in m]  # one epoch of 10 steps
         pad[grouped] = record["pad_fraction"]
     assert 0 <= pad["true"] < 0.7 * pad["false"]
 
@@ -113,7 +107,7 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(stage, shapes, 
                       "--set", "train.eval_every=4", "--set", f"train.compile={compiled}") == 0
         frames[name] = torch._dynamo.utils.counters["frames"]["ok"]  # frames dynamo compiled
     assert frames == {"eager": 0, "compiled": frames["compiled"]} and frames["compiled"] > 0
-    losses = {name: [m["loss"] for m in _metrics(run) if "loss" in m] for name, run in runs.items()}
+    losses = {name: [m["loss"] for m in read_metrics(run) if "loss" in m] for name, run in runs.items()}
     assert len(losses["compiled"]) == 4
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
     eager, compiled = (load_file(run / "model" / "model.safetensors") for run in runs.values())
@@ -145,8 +139,8 @@ def test_kill_and_resume_equals_uninterrupted(shapes, stage1_run, tmp_path):
     assert not (killed / "model").exists(), "the run finished before it could be killed"
     assert _train("stage2", *shapes, killed, *common, "--resume") == 0
 
-    final_full = [m for m in _metrics(tmp_path / "full") if "loss" in m][-1]
-    final_resumed = [m for m in _metrics(killed) if "loss" in m][-1]
+    final_full = [m for m in read_metrics(tmp_path / "full") if "loss" in m][-1]
+    final_resumed = [m for m in read_metrics(killed) if "loss" in m][-1]
     assert final_resumed["step"] == final_full["step"] == 30
     assert final_resumed["loss"] == pytest.approx(final_full["loss"], rel=1e-4, abs=1e-5)
     a = load_file(tmp_path / "full" / "model" / "model.safetensors")
@@ -178,7 +172,7 @@ def test_two_cpu_processes_match_one_process_of_the_same_global_batch(shapes, tm
                           "-m", "qvlm.cli.main", *common, "--out", str(tmp_path / "two"),
                           "--set", "stage1.batch_size=4"], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
-    logs = {name: [m for m in _metrics(tmp_path / name) if "itc" in m] for name in ("one", "two")}
+    logs = {name: [m for m in read_metrics(tmp_path / name) if "itc" in m] for name in ("one", "two")}
     assert [m["step"] for m in logs["two"]] == [1, 2, 3, 4, 5]  # 40 captions / (2 x 4) per step
     assert [m["step"] for m in logs["one"]] == [1, 2, 3, 4, 5]
     for key in ("loss", "grad_norm"):

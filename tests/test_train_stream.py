@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import write_shape_shards
+from helpers import read_metrics, write_shape_shards
 from safetensors.torch import load_file
 
 from qvlm.cli.main import main
@@ -26,10 +26,6 @@ def shards(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _train(stage: str, data: str, out: Path, *sets: str, extra: tuple[str, ...] = ()) -> int:
@@ -54,7 +50,7 @@ def test_streamed_stage1_online_equals_cached_and_stage2_trains(shards, tmp_path
                       f"train.features={mode}", f"train.feature_cache={tmp_path / mode}-features") == 0
         said = capsys.readouterr().out
         assert f"features: {mode} (train.features={mode}" in said
-    losses = {mode: [m["loss"] for m in _metrics(run) if "loss" in m] for mode, run in runs.items()}
+    losses = {mode: [m["loss"] for m in read_metrics(run) if "loss" in m] for mode, run in runs.items()}
     assert len(losses["online"]) == 6 and losses["online"] == pytest.approx(losses["cache"], rel=2e-2)
     assert losses["cache"][-1] < losses["cache"][0]  # learns
     assert any((tmp_path / "cache-features").rglob("shard-*.safetensors"))
@@ -62,7 +58,7 @@ def test_streamed_stage1_online_equals_cached_and_stage2_trains(shards, tmp_path
     s2 = tmp_path / "s2"
     assert _train("stage2", shards, s2, "stage2.max_steps=4", "stage2.batch_size=4",
                   extra=("--init", str(runs["cache"]))) == 0
-    assert [m["step"] for m in _metrics(s2) if "loss" in m] == [1, 2, 3, 4]
+    assert [m["step"] for m in read_metrics(s2) if "loss" in m] == [1, 2, 3, 4]
     assert (s2 / "model").is_dir()
 
 
@@ -83,8 +79,8 @@ def test_resume_mid_epoch_on_a_stream_equals_the_uninterrupted_run(shards, tmp_p
     assert _train("stage1", shards, cut, *sets, extra=("--resume",)) == 0
     a, b = (load_file(run / "model" / "model.safetensors") for run in (full, cut))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    assert [m["loss"] for m in _metrics(cut) if "loss" in m] == \
-        pytest.approx([m["loss"] for m in _metrics(full) if "loss" in m], rel=1e-5)
+    assert [m["loss"] for m in read_metrics(cut) if "loss" in m] == \
+        pytest.approx([m["loss"] for m in read_metrics(full) if "loss" in m], rel=1e-5)
 
 
 def test_two_processes_split_the_stream_and_resume_after_a_kill(shards, tmp_path):

@@ -53,17 +53,21 @@ def test_config_round_trips_and_config_json_names_the_model_type(run):
     assert saved["model_type"] == "qvlm" and saved["architectures"] == ["QVLMForConditionalGeneration"]
     config = AutoConfig.from_pretrained(folder)
     assert isinstance(config, qvlm.QVLMPretrainedConfig)
-    ours = QVLMConfig.load(run / "config.json")  # the run's own nested config
+    ours = QVLMConfig.load(run / "config.json")  # the run's own config.json: the same transformers config
     assert config.to_qvlm_config() == ours
+    from_run = AutoConfig.from_pretrained(run)
+    assert (from_run.to_qvlm_config(), from_run.stage, from_run.qformer_spec) == (ours, 2, config.qformer_spec)
     assert QVLMConfig.load(folder / "config.json") == ours  # --config accepts a model folder's config.json
     assert config.lora_config["r"] == ours.lm.lora_r and config.lm_config["name"] == ours.lm.name
 
 
-def test_auto_classes_give_the_same_model_as_qvlm(run, model, tiny_images):
-    hf = AutoModelForImageTextToText.from_pretrained(run / "model")
+@pytest.mark.parametrize("where", ["run", "model folder"])
+def test_auto_classes_give_the_same_model_as_qvlm(run, model, tiny_images, where):
+    folder = run if where == "run" else run / "model"
+    hf = AutoModelForImageTextToText.from_pretrained(folder)
     assert isinstance(hf, qvlm.QVLMForConditionalGeneration)
-    assert isinstance(AutoModel.from_pretrained(run / "model"), qvlm.QVLMForConditionalGeneration)
-    processor = AutoProcessor.from_pretrained(run / "model")
+    assert isinstance(AutoModel.from_pretrained(folder), qvlm.QVLMForConditionalGeneration)
+    processor = AutoProcessor.from_pretrained(folder)
     assert isinstance(processor, qvlm.QVLMProcessor)
     inputs = processor(images=tiny_images[:2], text=PROMPTS)
     ours = model.processor(images=tiny_images[:2], text=PROMPTS)

@@ -11,6 +11,7 @@ pad token *is* EOS (SmolLM2), otherwise the model never learns to stop. An answe
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -190,6 +191,14 @@ class QVLMProcessor(ProcessorMixin):
             rgb = [image.convert("RGB") for image in images]
             out["pixel_values"] = self.image_processor(rgb, return_tensors="pt").pixel_values
         return BatchFeature(out)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """A model folder, a hub id, or a run folder (whose model/ holds the processor's files)."""
+        model = Path(pretrained_model_name_or_path) / "model"
+        if (model / "processor_config.json").is_file():
+            pretrained_model_name_or_path = model
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:

@@ -469,8 +469,9 @@ def is_model_folder(path: Path) -> bool:
 
 
 def model_folder(path: Path) -> Path:
-    """The model folder of a run folder (RUN/model) or of a model folder itself."""
-    for candidate in (path, path / "model"):
+    """The model folder of a run folder (RUN/model) or of a model folder itself. A run folder's own
+    config.json is a model config too (so Auto classes accept RUN), hence RUN/model is tried first."""
+    for candidate in (path / "model", path):
         if is_model_folder(candidate):
             missing = [f for f in ("config.json", WEIGHTS_FILE) if not (candidate / f).is_file()]
             if missing:

@@ -110,10 +110,12 @@ def train(config: QVLMConfig, stage: int, data: str, out: str | Path, val: str |
     mixed_precision = precision.resolve(settings.mixed_precision, device)
     accelerator = _accelerator(config, mixed_precision)
     best = keep_best(config.train.keep_best, out, stage, val is not None, resume)  # checked before any work
-    _prepare_run_folder(out, config, stage, resume, accelerator)
+    _prepare_run_folder(out, stage, resume, accelerator)
     accelerator.print(precision.explain(settings.mixed_precision, device, f"stage{stage}.mixed_precision"))
     set_seed(config.train.seed)
     described = stages.build(stage, config, data, val, Path(init) if init else None, accelerator, mixed_precision)
+    if accelerator.is_main_process:  # RUN/config.json is the model's transformers config: Auto classes read RUN
+        described.model.pretrained_config().to_json_file(out / "config.json")
     run = _start(described, config.train, out, resume, accelerator, mixed_precision, best)
     _train_epochs(run)
     run.bar.close()
@@ -391,14 +393,13 @@ def _save(run: _Run) -> Path | None:
     return path
 
 
-def _prepare_run_folder(out: Path, config: QVLMConfig, stage: int, resume: bool, accelerator) -> None:
+def _prepare_run_folder(out: Path, stage: int, resume: bool, accelerator) -> None:
     if accelerator.is_main_process:
         if (out / "model").exists() and not resume:
             raise QVLMError(f"{out} already holds a trained model; choose another --out or pass --resume")
         if (out / "checkpoints").exists() and not resume:
             raise QVLMError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it")
         out.mkdir(parents=True, exist_ok=True)
-        config.save(out / "config.json")
         (out / "run.json").write_text(json.dumps({"stage": stage}) + "\n")
     accelerator.wait_for_everyone()
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from qvlm.cli.main import main
+from qvlm.data.records import Record
 from qvlm.eval.baselines import (
     RIDGE_ALPHAS,
     _ridge_similarity,
@@ -18,6 +19,7 @@ from qvlm.eval.baselines import (
     fit_linear_map,
     load_text_encoder,
     nearest_neighbours,
+    prior_baseline,
     run_baselines,
     sentence_embeddings,
 )
@@ -182,11 +184,49 @@ def test_eval_cli_caption_baselines(stage2_run, data, tmp_path, capsys):
     assert "baselines" in printed and "baseline_predictions" not in printed and "predictions" not in printed
 
 
+def _question(q: str, answer: str, kind: str) -> Record:
+    return Record(key=q, image_path="/x.png", question=q, answers=[answer], answer_type=kind)
+
+
+def test_prior_answers_by_question_then_type_then_overall():
+    train = [_question("Is there a red shape?", "no", "yes/no")] * 3 + [_question("is there a red shape", "yes", "yes/no")]
+    train += [_question("Is there not a circle?", "yes", "yes/no"), _question("What colour?", "red", "color")] * 2
+    train += [_question("What colour?", "blue", "color")]
+    test = [_question("is there a RED shape?", "no", "yes/no"),  # normalised as answers are: seen, "no"
+            _question("Is there not a circle?", "no", "yes/no"),  # seen, "yes": wrong
+            _question("Is there a blue shape?", "yes", "yes/no"),  # unseen: its type's most common, "no"
+            _question("What colour?", "red", "color"),
+            _question("How many?", "2", None)]  # unseen, no type: all questions' most common, "no"
+    result, predictions = prior_baseline(train, test)
+    assert [p["prediction"] for p in predictions] == ["no", "yes", "no", "red", "no"]
+    assert result["exact_match"] == 2 / 5 and result["unseen_questions"] == 2
+    assert result["per_type"]["yes/no"]["exact_match"] == 1 / 3 and result["per_type"]["color"]["exact_match"] == 1
+    assert prior_baseline(train, test, limit=2)[0]["n"] == 2
+
+
+def test_eval_cli_vqa_prior_baseline(stage2_run, tmp_path, capsys):
+    image = tmp_path / "0.png"
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(image)
+    rows = {"train": [("is it red?", "yes")] * 3 + [("is it red?", "no")], "test": [("is it red?", "yes"), ("is it red?", "no")]}
+    for name, qa in rows.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"image": "0.png", "question": q, "answers": [a], "answer_type": "yes/no"}) + "\n" for q, a in qa))
+    out = tmp_path / "vqa.json"
+    rc = main(["eval", str(stage2_run), "--data", str(tmp_path / "test.jsonl"), "--task", "vqa", "--json-out", str(out),
+               "--baseline", "prior", "--train", str(tmp_path / "train.jsonl"), "--max-new-tokens", "2"])
+    assert rc == 0
+    prior = json.loads(out.read_text())["baselines"]["prior"]
+    assert (prior["n"], prior["exact_match"], prior["per_type"]["yes/no"]["exact_match"]) == (2, 0.5, 0.5)
+    table = capsys.readouterr().out
+    assert "prior" in table and "yes/no" in table and "50.0" in table
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "retrieval", "--baseline", "linear"], "--train"),
     (["--task", "retrieval", "--baseline", "nearest", "--train", "x.jsonl"], "--task caption"),
     (["--task", "caption", "--baseline", "ridge"], "unknown baseline"),
-    (["--task", "vqa", "--baseline", "blind"], "has no baselines"),
+    (["--task", "vqa", "--baseline", "blind"], "with --task vqa use prior"),
+    (["--task", "vqa", "--baseline", "prior"], "--train"),
 ])
 def test_eval_cli_baseline_errors_are_one_line(args, message, stage2_run, data, capsys):
     rc = main(["eval", str(stage2_run), "--data", str(data[1]), *args])

@@ -36,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "equal caption (data whose captions repeat, e.g. easy-VQA)")
     p.add_argument("--baseline", action="append", default=[], metavar="NAME",
                    help="also score a simpler model on the run's frozen features, in one table with the run "
-                   "(repeatable): chance, linear (retrieval); nearest, blind (caption). See docs/metrics.md")
-    p.add_argument("--train", help="training data for --baseline linear / nearest (the run's training set, "
+                   "(repeatable): chance, linear (retrieval); nearest, blind (caption); prior (vqa). See docs/metrics.md")
+    p.add_argument("--train", help="training data for --baseline linear / nearest / prior (the run's training set, "
                    "never the test set)")
     add_generation_args(p, max_new_tokens=32)
     p.set_defaults(func=run)

@@ -12,15 +12,20 @@ A Q-Former earns its keep only if it beats these on the same test images:
   pooled features), the classic strong captioning baseline.
 * ``blind`` (caption): the stage-2 model's caption of a blank mid-grey image, i.e. the LM's prior; the
   same caption is scored against every test image.
+* ``prior`` (vqa): no image and no model: each test question gets the most common training answer of the
+  same question (normalised as answers are), else of its answer type, else of all training questions.
+  What a model scores that answers from the question's wording alone.
 
 Retrieval baselines are scored with :func:`qvlm.eval.metrics.recall_at_k`, caption baselines with
-:func:`qvlm.eval.metrics.caption_scores`, exactly as the run is. Features come through the run's
+:func:`qvlm.eval.metrics.caption_scores` and ``prior`` with :func:`qvlm.eval.metrics.vqa_scores`, exactly as
+the run is. Features come through the run's
 feature cache, so images the run has already encoded are not encoded again.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +48,7 @@ from qvlm.eval.evaluate import (
     open_cache,
     retrieval_positives,
 )
-from qvlm.eval.metrics import caption_scores, recall_at_k
+from qvlm.eval.metrics import caption_scores, normalize_answer, recall_at_k, vqa_scores
 
 if TYPE_CHECKING:
     from qvlm.models.vlm import QVLM
@@ -60,8 +65,9 @@ __all__ = [
     "format_baseline_table",
 ]
 
-BASELINE_TASKS = {"chance": "retrieval", "linear": "retrieval", "nearest": "caption", "blind": "caption"}
-NEEDS_TRAIN = ("linear", "nearest")
+BASELINE_TASKS = {"chance": "retrieval", "linear": "retrieval", "nearest": "caption", "blind": "caption",
+                  "prior": "vqa"}
+NEEDS_TRAIN = ("linear", "nearest", "prior")
 KS = (1, 5, 10)
 # Ridge strengths tried, as multiples of the mean eigenvalue of the centred Gram matrix XᵀX, so the
 # grid suits any feature scale. At the top end W is nearly proportional to XcᵀYc (cosines ignore the
@@ -313,6 +319,36 @@ def _scored(predictions: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
+# (e) the question prior, for VQA
+# ----------------------------------------------------------------------------------------------
+
+
+def prior_baseline(train: Sequence[Record], test: Sequence[Record],
+                   limit: int | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """Answer each test question (the first ``limit``, as the run's evaluation) without its image."""
+    by_question: dict[str, Counter] = defaultdict(Counter)
+    by_type: dict[str | None, Counter] = defaultdict(Counter)
+    for rec in train:
+        if rec.is_vqa and rec.answers:
+            answers = Counter(normalize_answer(a) for a in rec.answers)  # VQAv2 has 10 answers per question
+            by_question[normalize_answer(rec.question)] += answers
+            by_type[rec.answer_type] += answers
+    if not by_type:
+        raise QVLMError("baseline 'prior' needs questions with answers in --train; it has none")
+    overall = sum(by_type.values(), Counter())
+    predictions = []
+    for rec in [r for r in test if r.is_vqa and r.answers][:limit]:
+        seen = by_question.get(normalize_answer(rec.question)) or by_type.get(rec.answer_type) or overall
+        answer = seen.most_common(1)[0][0]
+        predictions.append({"key": rec.key, "question": rec.question, "prediction": answer, "answers": rec.answers,
+                            "answer_type": rec.answer_type})
+    types = [p["answer_type"] for p in predictions] if any(p["answer_type"] for p in predictions) else None
+    scores = vqa_scores([p["prediction"] for p in predictions], [p["answers"] for p in predictions], types)
+    return {**scores, "unseen_questions": sum(normalize_answer(p["question"]) not in by_question
+                                              for p in predictions)}, predictions
+
+
+# ----------------------------------------------------------------------------------------------
 # Orchestration and the comparison table
 # ----------------------------------------------------------------------------------------------
 
@@ -323,12 +359,17 @@ def run_baselines(model: QVLM, records: Sequence[Record], names: Sequence[str], 
                   **gen: Any) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict]]]:
     """Score the named baselines on the test ``records`` (same images as the run's evaluation).
 
-    Returns ({name: metrics}, {name: per-image predictions} for ``nearest``). Each metrics dict has
-    the keys of the run's own result (``recall_at_k``'s or ``caption_scores``'s) and ``seconds``;
-    ``linear`` adds ``ridge_alpha`` and ``val_mean_recall``, ``blind`` its one ``caption``; the two
-    that learn from ``train`` add ``test_images_in_train`` (a leak check, 0 for a clean split).
+    Returns ({name: metrics}, {name: per-image predictions} for ``nearest`` and ``prior``). Each metrics
+    dict has the keys of the run's own result (``recall_at_k``'s, ``caption_scores``'s or ``vqa_scores``'s)
+    and ``seconds``; ``linear`` adds ``ridge_alpha`` and ``val_mean_recall``, ``blind`` its one
+    ``caption``, ``prior`` its ``unseen_questions``; ``linear`` and ``nearest`` add
+    ``test_images_in_train`` (a leak check, 0 for a clean split).
     """
     check_request(names, task, train)
+    if task == "vqa":  # its one baseline reads no image
+        started = time.monotonic()
+        result, predictions = prior_baseline(load_records(train)[0], records, limit)
+        return {"prior": {**result, "seconds": time.monotonic() - started}}, {"prior": predictions}
     cache = open_cache(model, cache)
     test = captioned_images(model, records, batch_size, cache, limit, desc="baseline: test images")
     train_set = shared = None
@@ -349,7 +390,7 @@ def run_baselines(model: QVLM, records: Sequence[Record], names: Sequence[str], 
         else:
             results[name] = blind_baseline(model, test, prompt, **gen)
         results[name]["seconds"] = time.monotonic() - started
-        if name in NEEDS_TRAIN:
+        if train_set is not None and name in NEEDS_TRAIN:
             results[name]["test_images_in_train"] = shared
     return results, predictions
 
@@ -374,6 +415,10 @@ def format_baseline_table(result: dict[str, Any]) -> str:
                          {k.removeprefix("itm_"): v for k, v in result.items() if k.startswith("itm_")}))
         columns = {f"{d}_r{k}": f"{d} R@{k}" for d in ("i2t", "t2i") for k in KS}
         percent = True
+    elif result["task"] == "vqa":
+        rows.append(("run", result))
+        columns = {"exact_match": "exact", "soft_accuracy": "soft"} | {f"type:{t}": t for t in result["per_type"]}
+        percent = True
     else:
         rows.append(("run", result))
         columns = {k: label for k, label in _CAPTION_COLUMNS.items() if k in result}
@@ -381,6 +426,9 @@ def format_baseline_table(result: dict[str, Any]) -> str:
     for name, metrics in result.get("baselines", {}).items():
         label = f"{name} (ridge alpha {metrics['ridge_alpha']:g})" if name == "linear" else name
         rows.append((label, metrics))
+    # VQA's per-type accuracies as columns of their own
+    rows = [(label, m | {f"type:{t}": s["exact_match"] for t, s in m.get("per_type", {}).items()})
+            for label, m in rows]
     width = max(len(label) for label, _ in rows)
     lines = [f"{'':<{width}}  " + "  ".join(f"{h:>8}" for h in columns.values())]
     lines += [f"{label:<{width}}  " + "  ".join(f"{_cell(m.get(k), percent):>8}" for k in columns)

@@ -78,6 +78,7 @@ def run_demo(out: Path, mode: str = "default", seed: int = 0, overrides: list[st
     from qvlm.bundle import fetch
     from qvlm.data.bundled import build_easyvqa
     from qvlm.data.records import load_records
+    from qvlm.eval.baselines import prior_baseline
     from qvlm.eval.evaluate import evaluate_retrieval, evaluate_vqa, write_report
     from qvlm.models.vlm import QVLM
     from qvlm.train.trainer import train
@@ -124,12 +125,15 @@ def run_demo(out: Path, mode: str = "default", seed: int = 0, overrides: list[st
     # easy-VQA has 24 distinct captions: any image with the same caption is a correct match
     retrieval = evaluate_retrieval(model, test_records, cache=out / "cache", limit=plan.eval_images,
                                    match="caption")
+    # what answering from the question's wording alone scores on the same questions (no image)
+    prior, _ = prior_baseline(load_records(train_manifest), test_records, limit=plan.eval_questions)
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
 
     _say("6/6 report")
     report = write_report(model, out / "run", test_records[:200], max_new_tokens=12)
     summary = {"mode": mode, "vqa": {k: vqa[k] for k in ("n", "exact_match", "per_type")},
+               "question_prior": {k: prior[k] for k in ("n", "exact_match", "per_type")},
                "retrieval": {k: retrieval[k] for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "n_images")},
                "timings": {k: round(v, 1) for k, v in timings.items()},
                "report": {k: str(v) for k, v in report.items()}}
@@ -164,7 +168,9 @@ def _print_summary(summary: dict, vqa: dict, model, out: Path) -> None:
     print(f"easy-VQA test, {v['n']} questions:  accuracy {100 * v['exact_match']:.1f}%")
     for kind, s in sorted(v["per_type"].items()):
         print(f"    {kind:<8} {100 * s['exact_match']:5.1f}%  ({s['n']} questions)")
-    print("    (a blind baseline that ignores the image scores 66.4%; see docs/BENCHMARKS.md)")
+    prior = summary["question_prior"]
+    print(f"    (answering from the question alone, never looking: {100 * prior['exact_match']:.1f}%, yes/no "
+          f"{100 * prior['per_type'].get('yes/no', {}).get('exact_match', 0):.1f}%; `qvlm eval --baseline prior`)")
     print(f"retrieval on {r['n_images']} test images:  image->text R@1 {100 * r['i2t_r1']:.1f}%  "
           f"R@5 {100 * r['i2t_r5']:.1f}%   text->image R@1 {100 * r['t2i_r1']:.1f}%  R@5 {100 * r['t2i_r5']:.1f}%")
     print(f"time: stage 1 {t['stage1_s']:.0f} s, stage 2 {t['stage2_s']:.0f} s, eval {t['eval_s']:.0f} s; "

@@ -1,6 +1,7 @@
 """The training recipe, exactly (issue 16): accumulation, weight decay, temperature, truncation,
 stage-2 validation metrics and the best checkpoint."""
 
+import importlib.util
 import json
 
 import pytest
@@ -220,6 +221,15 @@ def test_keep_best_saves_the_lowest_val_loss_model_next_to_the_last(stage2_run, 
 def test_keep_best_refuses_a_metric_stage_2_does_not_report(metric, shapes, tmp_path):
     config = get_preset("tiny").override([f"train.keep_best={metric}"])
     with pytest.raises(QVLMError, match="no stage-2 validation metric; choose one of val_loss"):
+        trainer.train(config, 2, str(shapes[0]), tmp_path / "run", val=str(shapes[1]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_keep_best_on_a_caption_score_names_the_extra_when_pycocoevalcap_is_missing(shapes, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "pycocoevalcap" else real(n, *a))
+    config = get_preset("tiny").override(["train.keep_best=val_caption_cider"])
+    with pytest.raises(QVLMError, match=r"keep_best='val_caption_cider' needs .*pycocoevalcap.*qvlm\[eval\]"):
         trainer.train(config, 2, str(shapes[0]), tmp_path / "run", val=str(shapes[1]))
     assert not (tmp_path / "run").exists()
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 from qvlm.config import ConfigError
 from qvlm.errors import QVLMError
+from qvlm.extras import require
 
 # What `trainer.validate` reports, by stage (stage 2's generation scores only for the kinds of sample
 # the validation data holds).
@@ -25,9 +25,8 @@ def keep_best(metric: str | None, out: Path, stage: int, has_val: bool, resume: 
     if not has_val:
         raise QVLMError(f"train.keep_best={metric!r} needs validation data: pass --val, or "
                         "--set train.keep_best=null to keep only the last model")
-    if metric.startswith("val_caption") and importlib.util.find_spec("pycocoevalcap") is None:
-        raise QVLMError(f"train.keep_best={metric!r} needs pycocoevalcap to score captions: "
-                        "pip install 'qvlm[eval]' (or pip install pycocoevalcap)")
+    if metric.startswith("val_caption"):
+        require("pycocoevalcap", f"train.keep_best={metric!r}")  # it scores the captions
     return BestModel(metric, out / "best", resume)
 
 

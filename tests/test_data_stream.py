@@ -16,7 +16,7 @@ from helpers import shape_image
 from torch.utils.data import DataLoader
 
 from qvlm.data.cache import DISK_MARGIN, FeatureCache, choose_features
-from qvlm.data.images import DataError
+from qvlm.data.images import BadSample, DataError
 from qvlm.data.records import load_records
 from qvlm.data.stream import (
     StreamingBatches,
@@ -145,6 +145,31 @@ def test_too_few_samples_for_a_batch_is_an_error_not_a_hang(tmp_path):
     stream = StreamingBatches(open_stream(write_shards(tmp_path, 4, 1)), 1, fake_features, collate, batch_size=8)
     with pytest.raises(DataError, match="fewer than batch_size=8"):
         next(iter(stream))
+
+
+def _every_fourth_image_good(record) -> dict:
+    if int(record.captions[0].rsplit(" ", 1)[1]) % 4:  # captions end in the record's index
+        raise BadSample("corrupt", "test")
+    return fake_features(record)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_mostly_bad_stream_stops_with_the_counts_instead_of_training_on_scraps(tmp_path, workers):
+    pattern = write_shards(tmp_path, 64, 2)  # each consumer needs a few epochs to judge: counted across them
+    stream = StreamingBatches(open_stream(pattern), 1, _every_fourth_image_good, collate, batch_size=8,
+                              max_bad_fraction=0.05)
+    with pytest.raises(DataError, match=r"samples: \d+ used, \d+ skipped \(7[0-9]\.\d%: corrupt .*"
+                                        r"train.max_bad_fraction"):
+        for _ in stream.loader(collate, num_workers=workers):
+            pass
+    lenient = StreamingBatches(open_stream(pattern), 1, _every_fourth_image_good, collate, batch_size=8,
+                               max_bad_fraction=0.8)
+    trained = 0
+    for batch in lenient.loader(collate):
+        if batch["stream_position"][2] == 10:  # epoch 10 begins
+            break
+        trained += len(batch["captions"])
+    assert trained == 10 * 16  # 75% skipped, every good sample of 10 epochs trained
 
 
 def test_pipe_shards_imagefolder_and_hf_folder_stream_the_same_records(tmp_path):

@@ -80,7 +80,8 @@ def training_data(config, stage: int, data: str, val: str | None, encoder, make:
         s = config.stage1 if stage == 1 else config.stage2
         stream = StreamingBatches(shards, stage, fields, None, s.batch_size, seed=config.train.seed,
                                   buffer_size=config.train.shuffle_buffer, rank=accelerator.process_index,
-                                  world_size=accelerator.num_processes, skips=skips)
+                                  world_size=accelerator.num_processes, skips=skips,
+                                  max_bad_fraction=config.train.max_bad_fraction)
         return TrainingData(stream, val_set, mode)
     image = {"cache": cache} if mode == "cache" else {"encoder": encoder}
     train_set = make(records, **image, skips=skips)

@@ -288,13 +288,17 @@ class StreamingBatches(IterableDataset):
     `image_fields(record)` gives `{"features": [P, Dv]}` (feature cache) or `{"pixel_values": [3, H, W]}`
     (online), or raises `BadSample`; `collate` is the stage's collator (or given to `loader`). Each batch also holds
     `stream_position`: `[consumer, consumers, epoch, samples drawn]` after it (`StreamPosition.advance`). A consumer's last samples of an
-    epoch that do not fill a batch are dropped (as `drop_last`).
+    epoch that do not fill a batch are dropped (as `drop_last`). Bad samples are skipped and counted by
+    each consumer; once a consumer has seen `JUDGE_AFTER` samples, a bad share above `max_bad_fraction`
+    stops training with the counts (a stream is never read whole up front, so this is where it is checked).
     """
+
+    JUDGE_AFTER = 200  # samples a consumer reads before its bad share is trusted
 
     def __init__(self, shards: list[Shard], stage: int, image_fields: Callable[[Record], dict],
                  collate: Callable[[list], dict] | None, batch_size: int, seed: int = 0, buffer_size: int = 1000,
                  caption_prompts: list[str] | None = None, rank: int | None = None, world_size: int | None = None,
-                 skips: SkipCounter | None = None):
+                 skips: SkipCounter | None = None, max_bad_fraction: float = 1.0):
         super().__init__()
         if not shards:
             raise DataError("the stream has no shards")
@@ -304,6 +308,7 @@ class StreamingBatches(IterableDataset):
         self.caption_prompts = list(caption_prompts or CAPTION_PROMPTS)
         self.rank, self.world_size = rank, world_size
         self.skips = skips if skips is not None else SkipCounter("samples")
+        self.max_bad_fraction = max_bad_fraction
         self.state = StreamPosition()
 
     def loader(self, collate: Callable[[list], dict], num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
@@ -362,8 +367,10 @@ class StreamingBatches(IterableDataset):
     def _batch(self, chunk: list[Sample], consumer: int, epoch: int, drawn: int) -> dict:
         """Decode and collate; samples whose image fails are dropped (an empty batch gives {})."""
         first = drawn - len(chunk)
-        return self.collate([self._item(sample, (self.seed, consumer, epoch, first + i))
-                             for i, sample in enumerate(chunk)])
+        items = [self._item(sample, (self.seed, consumer, epoch, first + i)) for i, sample in enumerate(chunk)]
+        if self.skips.total >= self.JUDGE_AFTER:  # counted across epochs: an all-bad stream stops, never spins
+            self.skips.check(self.max_bad_fraction)
+        return self.collate(items)
 
     def _item(self, sample: Sample, where: tuple[int, ...]) -> dict | None:
         try:

@@ -53,6 +53,40 @@ def test_unimodal_joint_pass_equals_separate_passes(tiny_config):
     torch.testing.assert_close(joint[1, nq:nq + 3], text[1, :3])
 
 
+def test_attention_probabilities_are_what_the_cross_attention_applies():
+    from qvlm.models.qformer import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(16, heads=4, kv_dim=8).eval()
+    queries, image = torch.randn(2, 3, 16), torch.randn(2, 5, 8)
+    probs = attn.probabilities(queries, image)  # [B, H, Nq, P]
+    assert probs.shape == (2, 4, 3, 5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 3))
+    values = attn.value(image).view(2, 5, 4, 4).transpose(1, 2)  # [B, H, P, D/H]
+    mixed = (probs @ values).transpose(1, 2).reshape(2, 3, 16)
+    torch.testing.assert_close(attn.out(mixed), attn(queries, image))
+
+
+def test_query_attention_follows_the_image_and_sums_to_one_per_query(tiny_config):
+    model = QVLM.build(tiny_config, stage=1).eval()
+    qformer = model.qformer
+    vision = torch.randn(2, 17, 32)  # [B, P, Dv]
+    maps = qformer.query_attention(vision)
+    assert maps.shape == (2, qformer.num_queries, 17)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, qformer.num_queries))
+    # One patch made to stand out along what every cross-attention layer's keys respond to: all
+    # queries, in every layer, must look there more than anywhere else.
+    for layer in qformer.layers:
+        if layer.cross_attn is not None:
+            layer.cross_attn.key.weight.data[:] = 0.0
+            layer.cross_attn.key.weight.data[:, 0] = 1.0  # keys read feature 0 alone
+            layer.cross_attn.query.bias.data[:] = 1.0
+    vision = torch.zeros(2, 17, 32)
+    vision[0, 5, 0], vision[1, 11, 0] = 20.0, 20.0
+    maps = qformer.query_attention(vision)
+    assert (maps[0].argmax(-1) == 5).all() and (maps[1].argmax(-1) == 11).all()
+
+
 def test_labels_only_on_answer_and_eos_when_pad_is_eos(tiny_config):
     model = QVLM.build(tiny_config)
     tok = model.tokenizer

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qvlm.eval.report import plot_loss_curves, plot_similarity_grid, read_metrics_log, write_gallery
+from qvlm.eval.report import (
+    plot_loss_curves,
+    plot_query_attention,
+    plot_similarity_grid,
+    read_metrics_log,
+    write_gallery,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -88,6 +94,18 @@ def test_plot_similarity_grid_writes_png(tmp_path):
     _assert_png(out)
     with pytest.raises(ValueError):
         plot_similarity_grid(imgs, captions[:3], sim, tmp_path / "bad.png")
+
+
+def test_plot_query_attention_draws_a_row_per_image_and_a_column_per_query(tmp_path):
+    imgs = _images()  # 4 images
+    maps = np.random.default_rng(0).random((4, 32, 8, 8))
+    few = plot_query_attention(imgs, maps[:, :4], tmp_path / "few.png")
+    many = plot_query_attention(imgs, maps, tmp_path / "many.png", max_queries=12)
+    _assert_png(few)
+    with Image.open(few) as a, Image.open(many) as b:
+        assert a.height == b.height and b.width > 2 * a.width  # 1 + 1 + 4 columns vs 1 + 1 + 12
+    with pytest.raises(ValueError, match="expected"):
+        plot_query_attention(imgs[:3], maps, tmp_path / "bad.png")
 
 
 class _Collector(HTMLParser):

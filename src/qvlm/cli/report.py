@@ -1,4 +1,5 @@
-"""`qvlm report`: (re)write a run's report files: loss curves, similarity grid, prediction gallery."""
+"""`qvlm report`: (re)write a run's report files: loss curves, similarity grid, query attention maps,
+prediction gallery."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from qvlm.extras import require
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "report", help="write loss.png, similarity.png and gallery.html into RUN/report/",
+        "report", help="write loss.png, similarity.png, attention.png and gallery.html into RUN/report/",
         description="Write the report files of a run into RUN/report/ (or --out): loss.png from "
         "RUN/metrics.jsonl; with --data, similarity.png (Q-Former similarity of up to 8 test images with "
-        "their first captions) and, for stage-2 runs, gallery.html (generated captions or answers beside "
-        "the references for up to 24 test samples). Prints the paths.")
+        "their first captions), attention.png (where each query looks in the first 4 test images: its "
+        "cross-attention over the patches, averaged over heads and layers) and, for stage-2 runs, "
+        "gallery.html (generated captions or answers beside the references for up to 24 test samples). "
+        "Prints the paths.")
     p.add_argument("run", help="run folder")
-    p.add_argument("--data", help="test set for the similarity grid and the gallery")
+    p.add_argument("--data", help="test set for the similarity grid, the attention maps and the gallery")
     p.add_argument("--out", type=Path, help="output folder (default: RUN/report)")
     p.add_argument("--n-grid", type=int, default=8, help="images in the similarity grid (default 8)")
     p.add_argument("--n-gallery", type=int, default=24, help="samples in the gallery (default 24)")

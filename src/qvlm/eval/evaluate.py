@@ -28,6 +28,7 @@ from qvlm.data.records import Record, read_records
 from qvlm.errors import QVLMError
 from qvlm.eval.metrics import caption_scores, exact_match, positives_from_groups, recall_at_k, vqa_scores
 from qvlm.models.objectives import normalise_caption
+from qvlm.models.processing import qformer_text_inputs
 
 if TYPE_CHECKING:
     from qvlm.models.vlm import QVLM
@@ -406,6 +407,7 @@ def write_report(
     out_dir: str | Path | None = None,
     n_grid: int = 8,
     n_gallery: int = 24,
+    n_attention: int = 4,
     batch_size: int = 16,
     **gen: Any,
 ) -> dict[str, Path]:
@@ -414,6 +416,8 @@ def write_report(
     * ``loss``: ``loss.png`` from ``RUN/metrics.jsonl`` (when the run has one);
     * ``similarity``: ``similarity.png``, the Q-Former ITC similarity of up to ``n_grid`` images of
       ``records`` against their first captions (needs caption records);
+    * ``attention``: ``attention.png``, where each Q-Former query looks in the first ``n_attention``
+      images (cross-attention over the patches, averaged over heads and layers);
     * ``gallery``: ``gallery.html``, generated answers (VQA records) or captions beside the references
       for up to ``n_gallery`` samples (stage-2 models only).
 
@@ -430,6 +434,8 @@ def write_report(
     records = list(records or [])
     if any(r.captions for r in records):
         paths["similarity"] = _similarity_figure(model, records, out / "similarity.png", n_grid, batch_size)
+    if records:
+        paths["attention"] = _attention_figure(model, records, out / "attention.png", n_attention)
     if records and model.stage == 2:
         paths["gallery"] = _gallery(model, records, out / "gallery.html", n_gallery, batch_size, **gen)
     return paths
@@ -455,6 +461,37 @@ def _similarity_figure(model: QVLM, records: Sequence[Record], out_png: Path, n:
     sim = model.qformer.similarity(image_embeds, text_embeddings(model, captions))  # [Ni, Nt]
     images = [r.open_image() for r in kept]
     return plot_similarity_grid(images, captions, sim, out_png, title="Q-Former image-text similarity (ITC)")
+
+
+@torch.no_grad()
+def _attention_figure(model: QVLM, records: Sequence[Record], out_png: Path, n: int) -> Path:
+    from qvlm.eval.report import plot_query_attention
+
+    kept, images, seen = [], [], set()
+    for record in records:  # the first n distinct readable images
+        try:
+            image_id = _image_id(record)
+            if image_id not in seen:
+                images.append(record.open_image())
+                kept.append(record)
+                seen.add(image_id)
+        except BadSample:
+            continue
+        if len(kept) == n:
+            break
+    if not kept:
+        raise QVLMError("no readable image for the attention figure")
+    features = model.encode_images(images)  # [N, P, Dv]
+    text = {}
+    if model.config.qformer.instruction_aware:  # its queries read the question (or caption prompt) too
+        ids = qformer_text_inputs(model.text_tokenizer, [r.question or DEFAULT_CAPTION_PROMPT for r in kept],
+                                  model.config.qformer.max_text_len)
+        text = {"input_ids": ids["qformer_input_ids"].to(model.device),
+                "text_mask": ids["qformer_attention_mask"].to(model.device)}
+    maps = model.qformer.query_attention(features, **text)  # [N, Nq, P]
+    side = model.vision.patch_grid
+    patches = maps[..., -side * side:].reshape(*maps.shape[:2], side, side)  # CLS / register tokens dropped
+    return plot_query_attention(images, patches, out_png)
 
 
 def _gallery(model: QVLM, records: Sequence[Record], out_html: Path, n: int, batch_size: int,

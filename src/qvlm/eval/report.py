@@ -1,5 +1,5 @@
-"""Report files written into a run folder: loss curves (PNG), image x caption similarity grid (PNG)
-and a self-contained HTML gallery of predictions.
+"""Report files written into a run folder: loss curves (PNG), image x caption similarity grid (PNG),
+where the Q-Former's queries look (PNG) and a self-contained HTML gallery of predictions.
 
 Figures are drawn with matplotlib's object API on an Agg canvas (``Figure`` + ``FigureCanvasAgg``),
 never through pyplot: no window opens, no global backend is switched, and it works headless and in
@@ -24,7 +24,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-__all__ = ["read_metrics_log", "plot_loss_curves", "plot_similarity_grid", "write_gallery", "LossLog"]
+__all__ = ["read_metrics_log", "plot_loss_curves", "plot_similarity_grid", "plot_query_attention", "write_gallery",
+           "LossLog"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,6 +223,46 @@ def plot_similarity_grid(
         ax.spines[side].set_visible(False)
     fig.colorbar(heat, ax=ax, shrink=0.7)
     ax.set_title(title)
+    return _save(fig, Path(out_png))
+
+
+# ----------------------------------------------------------------------------------------------
+# Query attention maps
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_query_attention(images: Sequence[Image.Image], maps: Any, out_png: Path, max_queries: int = 16,
+                         title: str = "where each query looks (cross-attention over the patches)") -> Path:
+    """One row per image: the image, the mean map of all queries over it, then each query's map.
+
+    Args:
+        images: N PIL images (any mode), shown square as the encoder sees them.
+        maps: [N, Nq, G, G] attention over the G x G patch grid (array or tensor), e.g.
+            ``QFormer.query_attention`` cut to the patches and reshaped; each map is scaled to its own
+            maximum, so a query that looks at one patch is as visible as one that spreads out.
+        out_png: where to write the PNG (parent folders are created).
+        max_queries: queries drawn per row (the first ones); the title says when some are left out.
+    """
+    m = np.asarray(maps.detach().float().cpu() if hasattr(maps, "detach") else maps, dtype=np.float64)
+    if m.ndim != 4 or m.shape[0] != len(images) or m.shape[2] != m.shape[3]:
+        raise ValueError(f"maps has shape {m.shape}, expected [{len(images)}, Nq, G, G]")
+    shown = min(m.shape[1], max_queries)
+    columns = [("mean", m.mean(axis=1))] + [(f"query {q}", m[:, q]) for q in range(shown)]
+    fig = Figure(figsize=(1.3 * (len(columns) + 1), 1.45 * len(images) + 0.5), dpi=100, layout="constrained")
+    axes = fig.subplots(len(images), len(columns) + 1, squeeze=False)
+    for row, img in enumerate(images):
+        picture = np.asarray(_to_rgb(img).resize((128, 128)))
+        axes[row, 0].imshow(picture)
+        for col, (name, column) in enumerate(columns, start=1):
+            heat = column[row] / max(float(column[row].max()), 1e-12)
+            axes[row, col].imshow(picture)
+            axes[row, col].imshow(heat, cmap="inferno", alpha=0.6, extent=(0, 128, 128, 0), interpolation="nearest")
+            if row == 0:
+                axes[row, col].set_title(name, fontsize=8)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    left_out = f" ({shown} of {m.shape[1]} queries shown)" if shown < m.shape[1] else ""
+    fig.suptitle(title + left_out, fontsize=10)
     return _save(fig, Path(out_png))
 
 

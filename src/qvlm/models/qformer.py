@@ -95,12 +95,21 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, L, D], context [B, S, Dkv], mask bool [B, 1, L, S] or None -> [B, L, D]."""
         b, length, dim = x.shape
-        q = self.query(x).view(b, length, self.heads, -1).transpose(1, 2)  # [B, H, L, D/H]
-        k = self.key(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
-        v = self.value(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
+        q, k = self._split(self.query(x)), self._split(self.key(context))  # [B, H, L, D/H], [B, H, S, D/H]
+        v = self._split(self.value(context))
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         return self.out(y.transpose(1, 2).reshape(b, length, dim))
+
+    def probabilities(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The unmasked attention weights `forward` applies (SDPA never returns them), for inspection:
+        x [B, L, D], context [B, S, Dkv] -> [B, H, L, S], each row summing to 1."""
+        q, k = self._split(self.query(x)), self._split(self.key(context))
+        return (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] -> one slice per head [B, H, N, D/H]."""
+        return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -275,6 +284,32 @@ class QFormer(nn.Module):
         so the queries extract what the question asks about, not only a fixed summary of the image.
         """
         return self(vision, input_ids, text_mask, mode="bidirectional")[:, : self.num_queries]
+
+    @torch.no_grad()
+    def query_attention(self, vision: torch.Tensor, input_ids: torch.Tensor | None = None,
+                        text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Where each query looks: its cross-attention weights over the image tokens, averaged over heads
+        and over the cross-attention layers. [B, P, Dv] -> [B, Nq, P], each row summing to 1.
+
+        With `input_ids` / `text_mask` (an instruction-aware model), the queries have read that text too,
+        as they do in stage 2."""
+        maps: list[torch.Tensor] = []  # one [B, Nq, P] per cross-attention layer
+
+        def record(module: Attention, args: tuple, output: torch.Tensor) -> None:
+            queries, image = args[:2]
+            maps.append(module.probabilities(queries, image).float().mean(dim=1))
+
+        hooks = [layer.cross_attn.register_forward_hook(record) for layer in self.layers
+                 if layer.cross_attn is not None]
+        try:
+            if input_ids is None:
+                self.image_queries(vision)
+            else:
+                self.instructed_queries(vision, input_ids, text_mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return torch.stack(maps).mean(dim=0)
 
     def image_embeds(self, vision: torch.Tensor) -> torch.Tensor:
         """[B, P, Dv] -> L2-normalised ITC embeddings per query [B, Nq, E]."""

@@ -79,6 +79,12 @@ class FrozenVisionEncoder(nn.Module):
         """Dv, the feature width."""
         return self.backbone.config.hidden_size
 
+    @property
+    def patch_grid(self) -> int:
+        """Patches per side of the square input; the features' last `patch_grid ** 2` tokens are the
+        patches in raster order (any CLS or register tokens come first)."""
+        return self.image_size // self.backbone.config.patch_size
+
     def train(self, mode: bool = True) -> FrozenVisionEncoder:
         # Frozen means frozen: dropout and friends stay off even when the wrapping model trains.
         return super().train(False)

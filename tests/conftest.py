@@ -14,6 +14,14 @@ def tiny_config():
 
 
 @pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A cache home of the test's own ($QVLM_CACHE): feature caches and probes never leak between tests.
+    Whole files take it with `pytestmark = pytest.mark.usefixtures("private_cache")`."""
+    monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
 def tiny_images():
     """Eight visually distinct 32x32 images (fixed seed)."""
     import numpy as np

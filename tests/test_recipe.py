@@ -21,16 +21,13 @@ from qvlm.models.vlm import QVLM
 from qvlm.train import stages, trainer
 from qvlm.train.optim import stage1_param_groups, stage2_param_groups
 
+pytestmark = pytest.mark.usefixtures("private_cache")  # conftest.py
+
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """40 training images (a caption and a colour question each), 8 validation images."""
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes"))
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
 
 
 # -- gradient accumulation ----------------------------------------------------------------------------

@@ -13,16 +13,13 @@ from safetensors.torch import load_file
 
 from qvlm.cli.main import main
 
+pytestmark = pytest.mark.usefixtures("private_cache")  # conftest.py
+
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     return write_shapes_dataset(root)
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
 
 
 def _train(stage, data, val, out, *extra):

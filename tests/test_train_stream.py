@@ -17,15 +17,12 @@ from safetensors.torch import load_file
 
 from qvlm.cli.main import main
 
+pytestmark = pytest.mark.usefixtures("private_cache")  # conftest.py
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return write_shape_shards(tmp_path_factory.mktemp("shards"))
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
 
 
 def _train(stage: str, data: str, out: Path, *sets: str, extra: tuple[str, ...] = ()) -> int:

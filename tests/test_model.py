@@ -74,6 +74,11 @@ def test_query_attention_follows_the_image_and_sums_to_one_per_query(tiny_config
     maps = qformer.query_attention(vision)
     assert maps.shape == (2, qformer.num_queries, 17)
     torch.testing.assert_close(maps.sum(-1), torch.ones(2, qformer.num_queries))
+    # An instruction-aware read: the queries see the text first, so they look elsewhere.
+    ids, mask = torch.randint(0, 256, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    instructed = qformer.query_attention(vision, ids, mask)
+    torch.testing.assert_close(instructed.sum(-1), torch.ones(2, qformer.num_queries))
+    assert not torch.allclose(instructed, maps)
     # One patch made to stand out along what every cross-attention layer's keys respond to: all
     # queries, in every layer, must look there more than anywhere else.
     for layer in qformer.layers:

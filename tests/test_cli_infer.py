@@ -88,7 +88,7 @@ def test_missing_image_is_a_user_error(runs, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
-def test_search_sorted_and_cached(runs, images, monkeypatch, capsys):
+def test_search_sorted_and_cached_where_training_caches(runs, images, private_cache, monkeypatch, capsys):
     from qvlm.models.vision import FrozenVisionEncoder
 
     calls = {"images": 0}
@@ -106,9 +106,10 @@ def test_search_sorted_and_cached(runs, images, monkeypatch, capsys):
     assert len(first["hits"]) == 3 and scores == sorted(scores, reverse=True)
     assert [h["rank"] for h in first["hits"]] == [1, 2, 3]
     assert first["n_images"] == 5 and first["encoded"] == 5 and calls["images"] == 5
-    assert (runs[1] / "cache").is_dir()
+    assert (private_cache / "features").is_dir()  # the run's training cache (train.feature_cache unset)
+    assert not (runs[1] / "cache").exists()
 
-    assert main(args) == 0  # same folder again: features come from RUN/cache
+    assert main(args) == 0  # same folder again: features come from the cache
     second = json.loads(capsys.readouterr().out)
     assert second["encoded"] == 0 and calls["images"] == 5
     assert second["hits"] == first["hits"]

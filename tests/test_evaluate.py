@@ -27,6 +27,7 @@ def _make_run(run: Path, stage: int, itm_weight: float = 0.0) -> Path:
 
     cfg = get_preset("tiny")
     cfg.stage1.itm_weight = itm_weight
+    cfg.train.feature_cache = str(run / "training-cache")
     QVLM.build(cfg, stage=stage).save_pretrained(run / "model")
     return run
 
@@ -147,7 +148,7 @@ def test_eval_cli_writes_json(task, keys, stage1_run, stage2_run, data, tmp_path
         assert {"exact_match", "soft_accuracy", "n"} <= set(result["per_type"]["color"])
     stdout = capsys.readouterr().out
     assert str(out) in stdout
-    assert (run / "cache").is_dir()  # the default feature cache lives in the run folder
+    assert (run / "training-cache").is_dir()  # by default eval reads and fills the run's training cache
 
 
 def test_eval_cli_stage1_caption_is_one_line_error(stage1_run, data, capsys):

@@ -146,7 +146,7 @@ class TrainConfig:
     num_workers: int = 0
     group_by_length: bool = True  # stage 2: batches of similar length, less padding (logged as pad_fraction)
     compile: bool = False  # torch.compile the training forward (first steps pay the compile; docs/training.md)
-    feature_cache: str | None = None  # folder for cached patch features; None: under the run folder
+    feature_cache: str | None = None  # folder for cached patch features; None: $QVLM_CACHE/features
     # "cache": encode every image once into the feature cache before training (refused when the disk is
     # too small); "online": encode each batch inside the step; "auto": the cache when it fits the free
     # disk with a 25% margin, else online (docs/data.md#feature-cache)

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="evaluate the first N images (retrieval, caption) or questions")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--cache", type=Path, help="feature cache folder (default: RUN/cache)")
+    p.add_argument("--cache", type=Path, help="feature cache folder (default: the one the run trained with)")
     p.add_argument("--no-cache", action="store_true", help="encode images without the feature cache")
     p.add_argument("--itm-top-k", type=int, default=16, help="retrieval: ITM re-ranks this many candidates")
     p.add_argument("--no-itm", action="store_true", help="retrieval: skip ITM re-ranking")
@@ -44,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qvlm.data.cache import feature_cache_folder
     from qvlm.eval.evaluate import evaluate_captions, evaluate_retrieval, evaluate_vqa, load_records
 
     flags = generation_kwargs(args)
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     default_tokens = 16 if args.task == "vqa" else args.default_max_new_tokens
     gen = with_run_defaults(flags, model.config.generation, default_tokens)
     run_dir = run_dir_of(Path(args.run))
-    cache = None if args.no_cache else (args.cache or run_dir / "cache")
+    cache = None if args.no_cache else (args.cache or feature_cache_folder(model.config.train.feature_cache))
     common = {"batch_size": args.batch_size, "cache": cache, "limit": args.limit}
     if args.task == "retrieval":
         result = evaluate_retrieval(model, records, itm=False if args.no_itm else None, match=args.match,

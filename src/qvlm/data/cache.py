@@ -33,6 +33,13 @@ from safetensors.torch import save_file
 from qvlm import console
 from qvlm.data.images import DEFAULT_MAX_PIXELS, BadSample, DataError, SkipCounter
 from qvlm.data.records import Record
+from qvlm.utils import cache_home
+
+
+def feature_cache_folder(feature_cache: str | None) -> Path:
+    """Where patch features live: `train.feature_cache`, else `$QVLM_CACHE/features`. Training writes
+    there, and evaluation and search read there by default, so no image is encoded twice."""
+    return Path(feature_cache) if feature_cache else cache_home() / "features"
 
 
 class VisionEncoder(Protocol):

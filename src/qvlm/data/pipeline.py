@@ -10,7 +10,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from qvlm.data.cache import FeatureCache, choose_features
+from qvlm.data.cache import FeatureCache, choose_features, feature_cache_folder
 from qvlm.data.images import BadSample, DataError, SkipCounter
 from qvlm.data.records import Record, iter_unique_images, read_records
 from qvlm.data.stream import StreamingBatches, count_images, epoch_records, open_stream
@@ -55,7 +55,7 @@ def training_data(config, stage: int, data: str, val: str | None, encoder, make:
     """Decide where features come from, build the cache if they come from it (main process first), and
     make the datasets: `make(records, cache= | encoder=, skips=)` for lists, a `StreamingBatches` for
     `train.stream`. The validation set is small and read every evaluation: always cached."""
-    cache = FeatureCache(config.train.feature_cache or _default_cache(), encoder)
+    cache = FeatureCache(feature_cache_folder(config.train.feature_cache), encoder)
     skips = SkipCounter("samples")  # malformed manifest lines count with the samples
     shards = open_stream(data) if config.train.stream else None
     records = None if shards else list(read_records(data, skips=skips))
@@ -88,12 +88,6 @@ def training_data(config, stage: int, data: str, val: str | None, encoder, make:
     accelerator.print(f"training data: {skips.report()}")
     train_set.check(config.train.max_bad_fraction)
     return TrainingData(train_set, val_set, mode)
-
-
-def _default_cache():
-    from qvlm.utils import cache_home
-
-    return cache_home() / "features"
 
 
 def _unique_images(records: list[Record]) -> int:

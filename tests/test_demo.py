@@ -19,7 +19,7 @@ def test_demo_smoke_runs_end_to_end(tmp_path, capsys):
     assert summary["vqa"]["n"] == 16 and 0.0 <= summary["vqa"]["exact_match"] <= 1.0
     assert {"color", "shape", "yes/no"} <= set(summary["vqa"]["per_type"])
     assert summary["question_prior"]["n"] == 16 and "answering from the question alone" in printed
-    for name in ("loss.png", "similarity.png", "attention.png"):
+    for name in ("loss.png", "similarity.png", "attention.png", "word_attention.png"):
         with Image.open(out / "run" / "report" / name) as img:
             assert img.format == "PNG" and img.size[0] > 100
     assert "<img" in (out / "run" / "report" / "gallery.html").read_text()

@@ -174,10 +174,13 @@ def test_report_cli_writes_png_and_html(stage2_run, data, capsys):
     rc = main(["report", str(stage2_run), "--data", str(data), "--max-new-tokens", "2", "--json"])
     assert rc == 0
     paths = {k: Path(v) for k, v in json.loads(capsys.readouterr().out.strip().splitlines()[-1]).items()}
-    assert set(paths) == {"loss", "similarity", "attention", "gallery"}
+    assert set(paths) == {"loss", "similarity", "attention", "gallery", "word_attention"}
     assert all(p.parent == stage2_run / "report" for p in paths.values())
-    for name in ("loss", "similarity", "attention"):
+    for name in ("loss", "similarity", "attention", "word_attention"):
         _assert_png(paths[name])
+    assert paths["word_attention"].name == "word_attention.png"
+    with Image.open(paths["word_attention"]) as figure:  # 4 rows (n_attention): image, words x queries, share
+        assert figure.height > 4 * 100
     page = paths["gallery"].read_text()
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert page.count('class="card') == N_IMAGES and "what color is it?" in page
@@ -186,7 +189,7 @@ def test_report_cli_writes_png_and_html(stage2_run, data, capsys):
 def test_write_report_stage1_has_no_gallery(models, stage1_run, data, tmp_path):
     records, _ = load_records(data)
     paths = write_report(models[0], stage1_run, records, out_dir=tmp_path / "rep", n_grid=3)
-    assert set(paths) == {"similarity", "attention"}  # no metrics.jsonl in this run, no LM for a gallery
+    assert set(paths) == {"similarity", "attention"}  # no metrics.jsonl; no LM: no gallery, no word_attention
     _assert_png(paths["similarity"])
     with Image.open(paths["attention"]) as figure:  # 4 rows of image, mean and the tiny preset's 4 queries
         assert figure.width > 6 * 100 and figure.height > 4 * 100

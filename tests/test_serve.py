@@ -152,6 +152,95 @@ def test_bad_request_gets_openai_error(server, name):
     assert httpx.get(f"{server}/health").status_code == 200  # still up
 
 
+def _attention(server: str, body, key: str | None = KEY) -> httpx.Response:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    content = body if isinstance(body, bytes) else json.dumps(body)
+    return httpx.post(f"{server}/v1/attention", content=content, headers=headers, timeout=30)
+
+
+def test_attention_maps_are_the_models_patch_attention(server, run_dir):
+    from qvlm.models.vlm import QVLM
+
+    image = sample_image(color=(30, 90, 200))
+    r = _attention(server, {"image": data_url(image)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    model = QVLM.from_pretrained(run_dir)
+    side, nq = model.vision.patch_grid, model.qformer.num_queries
+    assert (body["grid"], body["num_queries"]) == (side, nq)
+    maps = np.array(body["maps"])  # [Nq, G*G]
+    assert maps.shape == (nq, side * side) and (maps >= 0).all()
+    np.testing.assert_allclose(maps.sum(-1), np.ones(nq), atol=1e-4)
+    expected = model.patch_attention(model.encode_images([image]))[0]  # [Nq, G, G]
+    np.testing.assert_allclose(maps, expected.flatten(1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(body["mean"], maps.mean(0), atol=1e-5)
+
+
+def test_attention_reads_the_text_of_an_instruction_aware_stage1_model():
+    # Stage 1 has no LM, but the Q-Former is all the maps need; its instruction-aware queries read `text`.
+    import torch
+
+    from qvlm.config import get_preset
+    from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
+    from qvlm.models.vlm import QVLM
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    cfg.qformer.instruction_aware = True
+    with running_server(create_app(QVLM.build(cfg, stage=1).eval(), "instructed", ServeSettings())) as url:
+        def maps(**text) -> np.ndarray:
+            r = _attention(url, {"image": data_url(sample_image()), **text}, key=None)
+            assert r.status_code == 200, r.text
+            return np.array(r.json()["maps"])
+
+        captioning = maps()
+        np.testing.assert_array_equal(maps(text=DEFAULT_CAPTION_PROMPT), captioning)  # the default text
+        assert np.abs(maps(text="how many dogs are there?") - captioning).max() > 1e-7  # see test_patch_attention
+
+
+URL = data_url(sample_image())
+BAD_ATTENTION_REQUESTS = {  # body -> status, code, param
+    "malformed_json": (b'{"image": ', 400, "invalid_json", None),
+    "body_not_object": ([URL], 400, None, None),
+    "image_missing": ({"text": "where?"}, 400, "image_required", "image"),
+    "image_not_a_string": ({"image": {"url": URL}}, 400, "image_required", "image"),
+    "text_not_a_string": ({"image": URL, "text": ["where?"]}, 400, None, "text"),
+    "text_too_long": ({"image": URL, "text": "why " * 100}, 400, "prompt_too_long", "text"),
+    "body_too_large": ({"image": URL, "text": "x" * 400_000}, 413, "request_too_large", None),
+    "bad_base64": ({"image": "data:image/png;base64,@@@@"}, 400, "invalid_image", "image"),
+    "not_an_image": ({"image": _b64(b"hello, not an image", "text/plain")}, 400, "invalid_image", "image"),
+    "image_too_many_pixels": ({"image": _b64(BIG_PIXELS)}, 400, "image_too_large", "image"),
+    "remote_url_refused": ({"image": "http://127.0.0.1:9/cat.png"}, 400, "remote_images_disabled", "image"),
+    "file_url": ({"image": "file:///etc/passwd"}, 400, "invalid_image_url", "image"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_ATTENTION_REQUESTS))
+def test_bad_attention_request_gets_a_clear_error(server, name):
+    body, status, code, param = BAD_ATTENTION_REQUESTS[name]
+    r = _attention(server, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert (error["code"], error["param"]) == (code, param)
+
+
+def test_attention_needs_the_api_key_and_a_json_body(server):
+    for key in (None, "wrong"):
+        r = _attention(server, {"image": URL}, key=key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(f"{server}/v1/attention", content=json.dumps({"image": URL}),
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_page_has_the_attention_view(server):
+    page = httpx.get(f"{server}/").text
+    assert 'id="attention-maps"' in page and "Where the queries look" in page
+    script = httpx.get(f"{server}/static/app.js").text
+    assert 'fetch("/v1/attention"' in script and "showAttention();" in script
+
+
 def test_cross_site_text_plain_post_is_refused(server):
     # A page on another site can POST text/plain without a CORS preflight; JSON it cannot.
     r = httpx.post(f"{server}/v1/chat/completions", content=json.dumps(_body(user(image_part()))),
@@ -261,6 +350,44 @@ def test_worker_batches_queued_requests_with_equal_settings():
     finally:
         worker.stop()
     assert FakeModel.calls == [4, 2, 2]  # greedy batch capped at 4, the rest, then the sampled pair
+
+
+def test_worker_answers_attention_jobs_in_batches_of_their_own():
+    import torch
+
+    from qvlm.models.vlm import Completions
+    from qvlm.serve.chat import GenSettings
+    from qvlm.serve.worker import AttentionJob, Job, ModelWorker
+
+    class FakeModel:  # records each call's kind and batch size
+        calls: list[tuple[str, int]] = []
+
+        def encode_images(self, images):
+            return images
+
+        def generate_text(self, features, texts, **gen):
+            self.calls.append(("generate", len(texts)))
+            ones = [1] * len(texts)
+            return Completions([f"ok {t}" for t in texts], ones, ones, [True] * len(texts))
+
+        def patch_attention(self, features, texts):  # [B, Nq=2, G=3, G]: each image's maps hold len(text)
+            self.calls.append(("attention", len(texts)))
+            return torch.stack([torch.full((2, 3, 3), float(len(t))) for t in texts])
+
+    worker = ModelWorker(FakeModel(), batch_size=4)
+    greedy = GenSettings(8, 0.0, 1.0)
+    jobs = [Job(sample_image(), "a", greedy), AttentionJob(sample_image(), "bb"), Job(sample_image(), "c", greedy),
+            AttentionJob(sample_image(), "dddd")]
+    for job in jobs:
+        worker.submit(job)
+    worker.start()
+    try:
+        results = [j.future.result(timeout=10) for j in jobs]
+    finally:
+        worker.stop()
+    assert FakeModel.calls == [("generate", 2), ("attention", 2)]
+    assert [results[0].text, results[2].text] == ["ok a", "ok c"]
+    assert torch.equal(results[1], torch.full((2, 3, 3), 2.0)) and torch.equal(results[3], torch.full((2, 3, 3), 4.0))
 
 
 def test_remote_images_when_allowed(run_dir, tmp_path):

@@ -1,4 +1,5 @@
-"""The page in headless Chromium (Debian's, driven by Playwright): upload an image, see its caption."""
+"""The page in headless Chromium (Debian's, driven by Playwright): upload an image, see its caption and
+where the Q-Former's queries look."""
 
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ def test_upload_shows_caption_then_answers(server, page, tmp_path: Path):
     page.wait_for_function("document.getElementById('caption').dataset.state === 'done'", timeout=30_000)
     assert page.inner_text("#caption").strip()
     assert page.is_hidden("#error")
+    page.wait_for_selector("#attention:not([hidden])", timeout=30_000)  # the mean, then the tiny run's 4 queries
+    assert page.locator("#attention-maps figcaption").all_inner_texts() == ["mean"] + [f"query {q}" for q in range(4)]
+    assert page.locator("#attention-maps canvas").count() == 5
 
     page.fill("#question", "What color is it?")
     page.click("#send")

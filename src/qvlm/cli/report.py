@@ -12,11 +12,13 @@ from qvlm.extras import require
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "report", help="write loss.png, similarity.png, attention.png and gallery.html into RUN/report/",
+        "report", help="write loss.png, similarity.png, attention.png, word_attention.png and gallery.html "
+        "into RUN/report/",
         description="Write the report files of a run into RUN/report/ (or --out): loss.png from "
         "RUN/metrics.jsonl; with --data, similarity.png (Q-Former similarity of up to 8 test images with "
         "their first captions), attention.png (where each query looks in the first 4 test images: its "
         "cross-attention over the patches, averaged over heads and layers) and, for stage-2 runs, "
+        "word_attention.png (which queries each generated word of the first 4 answers drew on) and "
         "gallery.html (generated captions or answers beside the references for up to 24 test samples). "
         "Prints the paths.")
     p.add_argument("run", help="run folder")

@@ -28,7 +28,6 @@ from qvlm.data.records import Record, read_records
 from qvlm.errors import QVLMError
 from qvlm.eval.metrics import caption_scores, exact_match, positives_from_groups, recall_at_k, vqa_scores
 from qvlm.models.objectives import normalise_caption
-from qvlm.models.processing import qformer_text_inputs
 
 if TYPE_CHECKING:
     from qvlm.models.vlm import QVLM
@@ -419,7 +418,10 @@ def write_report(
     * ``attention``: ``attention.png``, where each Q-Former query looks in the first ``n_attention``
       images (cross-attention over the patches, averaged over heads and layers);
     * ``gallery``: ``gallery.html``, generated answers (VQA records) or captions beside the references
-      for up to ``n_gallery`` samples (stage-2 models only).
+      for up to ``n_gallery`` samples (stage-2 models only);
+    * ``word_attention``: ``word_attention.png``, which queries each generated word of the gallery's
+      first ``n_attention`` answers or captions drew on, and how much it looked at the image at all
+      (``QVLM.word_query_attention``; stage-2 models only).
 
     Files go to ``out_dir`` (default ``RUN/report/``). Report functions load matplotlib: imported here.
     """
@@ -438,6 +440,8 @@ def write_report(
         paths["attention"] = _attention_figure(model, records, out / "attention.png", n_attention)
     if records and model.stage == 2:
         paths["gallery"] = _gallery(model, records, out / "gallery.html", n_gallery, batch_size, **gen)
+        paths["word_attention"] = _word_attention_figure(model, records, out / "word_attention.png", n_attention,
+                                                         **gen)
     return paths
 
 
@@ -482,16 +486,30 @@ def _attention_figure(model: QVLM, records: Sequence[Record], out_png: Path, n: 
     if not kept:
         raise QVLMError("no readable image for the attention figure")
     features = model.encode_images(images)  # [N, P, Dv]
-    text = {}
-    if model.config.qformer.instruction_aware:  # its queries read the question (or caption prompt) too
-        ids = qformer_text_inputs(model.text_tokenizer, [r.question or DEFAULT_CAPTION_PROMPT for r in kept],
-                                  model.config.qformer.max_text_len)
-        text = {"input_ids": ids["qformer_input_ids"].to(model.device),
-                "text_mask": ids["qformer_attention_mask"].to(model.device)}
-    maps = model.qformer.query_attention(features, **text)  # [N, Nq, P]
-    side = model.vision.patch_grid
-    patches = maps[..., -side * side:].reshape(*maps.shape[:2], side, side)  # CLS / register tokens dropped
-    return plot_query_attention(images, patches, out_png)
+    # An instruction-aware model's queries read the question (or the caption prompt) too.
+    questions = [r.question or DEFAULT_CAPTION_PROMPT for r in kept]
+    maps = model.patch_attention(features, questions)  # [N, Nq, G, G]
+    return plot_query_attention(images, maps, out_png)
+
+
+@torch.no_grad()
+def _word_attention_figure(model: QVLM, records: Sequence[Record], out_png: Path, n: int, **gen: Any) -> Path:
+    """The first n answers (VQA records) or captions, chosen and generated as the gallery does, word by word."""
+    from qvlm.eval.report import plot_word_query_attention
+
+    questions = [r for r in records if r.is_vqa and r.answers]
+    if questions:
+        chosen, gen = questions[:n], {"max_new_tokens": 16, **gen}  # evaluate_vqa's default
+    else:
+        chosen = [r for r, _ in image_groups(records)][:n]
+    kept, samples = [], []
+    for batch, feats in iter_feature_batches(model, chosen, n, SkipCounter("images")):  # one batch
+        prompts = [vqa_prompt(r.question or "") if questions else DEFAULT_CAPTION_PROMPT for r in batch]
+        kept += batch
+        samples += model.word_query_attention(feats, prompts, **gen)
+    if not kept:
+        raise QVLMError("no readable image for the word attention figure")
+    return plot_word_query_attention([r.open_image() for r in kept], samples, out_png)
 
 
 def _gallery(model: QVLM, records: Sequence[Record], out_html: Path, n: int, batch_size: int,

@@ -1,5 +1,6 @@
 """Report files written into a run folder: loss curves (PNG), image x caption similarity grid (PNG),
-where the Q-Former's queries look (PNG) and a self-contained HTML gallery of predictions.
+where the Q-Former's queries look (PNG), which queries each generated word drew on (PNG) and a
+self-contained HTML gallery of predictions.
 
 Figures are drawn with matplotlib's object API on an Agg canvas (``Figure`` + ``FigureCanvasAgg``),
 never through pyplot: no window opens, no global backend is switched, and it works headless and in
@@ -24,8 +25,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-__all__ = ["read_metrics_log", "plot_loss_curves", "plot_similarity_grid", "plot_query_attention", "write_gallery",
-           "LossLog"]
+__all__ = ["read_metrics_log", "plot_loss_curves", "plot_similarity_grid", "plot_query_attention",
+           "plot_word_query_attention", "write_gallery", "LossLog"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,6 +265,63 @@ def plot_query_attention(images: Sequence[Image.Image], maps: Any, out_png: Path
     left_out = f" ({shown} of {m.shape[1]} queries shown)" if shown < m.shape[1] else ""
     fig.suptitle(title + left_out, fontsize=10)
     return _save(fig, Path(out_png))
+
+
+def plot_word_query_attention(images: Sequence[Image.Image], samples: Sequence[Mapping[str, Any]], out_png: Path,
+                              title: str = "which queries each generated word drew on") -> Path:
+    """One row per image: the image, a heat table of its generated tokens (rows) over the Q-Former's
+    queries (columns), and beside it each token's image share.
+
+    Args:
+        images: N PIL images (any mode).
+        samples: N dicts as ``QVLM.word_query_attention`` returns them: ``tokens`` (T text pieces),
+            ``queries`` [T, Nq] (the token's attention on the image slots, divided by its total, so each
+            row sums to 1) and ``image_share`` [T] (that total: the share of the token's whole attention
+            that went to the image slots, 0..1). One colour scale (0 to the largest share) for all tables.
+        out_png: where to write the PNG (parent folders are created).
+    """
+    if len(samples) != len(images):
+        raise ValueError(f"{len(images)} images but {len(samples)} samples")
+    tables = [np.asarray(s["queries"], dtype=np.float64) for s in samples]  # [T, Nq] each
+    top = max((float(t.max()) for t in tables if t.size), default=1.0)
+    heights = [max(len(s["tokens"]), 4) for s in samples]  # a short answer still leaves room for its image
+    n_queries = max(t.shape[1] for t in tables)
+    fig = Figure(figsize=(4.2 + 0.3 * n_queries, 0.8 + 0.24 * sum(heights)), dpi=100, layout="constrained")
+    grid = fig.add_gridspec(len(images), 3, height_ratios=heights, width_ratios=[2.2, 0.3 * n_queries, 0.5])
+    for row, (img, sample, table) in enumerate(zip(images, samples, tables, strict=True)):
+        picture = fig.add_subplot(grid[row, 0])
+        picture.imshow(np.asarray(_to_rgb(img).resize((128, 128))))
+        picture.set_axis_off()
+        heat = _draw_word_table(fig.add_subplot(grid[row, 1]), sample["tokens"], table, top)
+        _draw_image_share(fig.add_subplot(grid[row, 2]), np.asarray(sample["image_share"], dtype=np.float64))
+    fig.colorbar(heat, ax=fig.axes, shrink=0.6, label="share of the word's image attention")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, Path(out_png))
+
+
+def _draw_word_table(ax: Any, tokens: Sequence[str], table: np.ndarray, top: float) -> Any:
+    """Tokens x queries heat map [T, Nq]; returns the image for the colour bar."""
+    blank = np.full((1, table.shape[1]), np.nan)  # no token: an empty row keeps the queries' axis
+    heat = ax.imshow(table if len(tokens) else blank, cmap="viridis", vmin=0.0, vmax=top, aspect="auto",
+                     interpolation="nearest")
+    if not tokens:
+        ax.text(0.5, 0.5, "no word generated", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+    ax.set_yticks(range(len(tokens)), [repr(t) for t in tokens], fontsize=7)  # quotes show the spaces
+    ax.set_xticks(range(table.shape[1]), [str(q) for q in range(table.shape[1])], fontsize=6)
+    ax.set_xlabel("query", fontsize=8)
+    return heat
+
+
+def _draw_image_share(ax: Any, share: np.ndarray) -> None:
+    """Each token's share of attention on the image slots [T], as a column of percentages."""
+    ax.imshow(share[:, None] if share.size else np.full((1, 1), np.nan), cmap="Greens", vmin=0.0, vmax=1.0,
+              aspect="auto")
+    for r, value in enumerate(share):
+        ax.text(0, r, f"{100 * value:.0f}%", ha="center", va="center", fontsize=7,
+                color="white" if value > 0.5 else "black")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("on image", fontsize=8)
 
 
 # ----------------------------------------------------------------------------------------------

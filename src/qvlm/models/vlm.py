@@ -42,6 +42,7 @@ from qvlm.models.processing import (
     QVLMProcessor,
     completion_lengths,
     image_processor_for,
+    qformer_text_inputs,
 )
 from qvlm.models.qformer import QFormer, TextEncoderSpec
 from qvlm.models.tiny import random_model, tiny_lm_tokenizer
@@ -145,6 +146,72 @@ class QVLM(nn.Module):
                             "(qformer_input_ids, qformer_attention_mask)")
         return self.adapter(self.qformer.instructed_queries(features, qformer_input_ids.to(self.device),
                                                             qformer_attention_mask.to(self.device)))
+
+    @torch.no_grad()
+    def patch_attention(self, features: torch.Tensor, texts: list[str] | None = None) -> torch.Tensor:
+        """Where each query looks: patch features [B, P, Dv] -> [B, Nq, G, G], the Q-Former's cross-attention
+        over the G x G patch grid (`vision.patch_grid`), averaged over heads and layers.
+
+        Each map sums to 1: the share of CLS / register tokens is dropped and the rest renormalised, so
+        maps show where on the image a query looks however much it also reads those tokens. An
+        instruction-aware model's queries read `texts` (one per image; the caption prompt by default),
+        as they do when answering; other models ignore them."""
+        text = {}
+        if self.config.qformer.instruction_aware:
+            texts = texts or [DEFAULT_CAPTION_PROMPT] * len(features)
+            tokens = qformer_text_inputs(self.text_tokenizer, texts, self.config.qformer.max_text_len)
+            text = {"input_ids": tokens["qformer_input_ids"].to(self.device),
+                    "text_mask": tokens["qformer_attention_mask"].to(self.device)}
+        maps = self.qformer.query_attention(features.to(self.device), **text)  # [B, Nq, P]
+        side = self.vision.patch_grid
+        patches = maps[..., -side * side:]  # [B, Nq, G*G]: the patches come last, in raster order
+        patches = patches / patches.sum(-1, keepdim=True)
+        return patches.reshape(*maps.shape[:2], side, side)
+
+    @torch.no_grad()
+    def word_query_attention(self, features: torch.Tensor, user_texts: list[str],
+                             **generate_kwargs) -> list[dict[str, list[str] | torch.Tensor]]:
+        """Which queries each generated word drew on: encoded images [B, P, Dv] and one user text each ->
+        one dict per sample: `tokens`, the T generated tokens as text pieces (EOS left out; other special
+        tokens by name), `queries` [T, Nq] and `image_share` [T] (float32, CPU).
+
+        The answer is generated as `generate_text` does (greedy by default; `generate_kwargs` pass
+        through), then the LM reads prompt + answer once more, on eager attention for that pass only
+        (SDPA returns no weights). Row t is the attention of the position that chose token t (the one
+        before it: the prompt's last position chose the first token), averaged over heads and layers.
+        `image_share[t]` is the part of that row on the Nq image slots, of the row's whole attention
+        (0..1); `queries[t]` is that part divided by `image_share[t]`, so each row sums to 1: how the
+        token's image attention splits over the queries, however little of it there is."""
+        self._require_lm()
+        inputs = self.processor(text=user_texts)
+        new_ids = self.generate(**inputs, image_features=features, **generate_kwargs).cpu()  # [B, T]
+        counts, stopped = completion_lengths(new_ids, self.tokenizer.eos_token_id)
+        generated = torch.arange(new_ids.shape[1]) < torch.tensor(counts)[:, None]  # [B, T]: False after EOS
+        device = self.device
+        attention_mask = torch.cat([inputs["attention_mask"], generated.long()], 1).to(device)  # [B, L + T]
+        image_mask = F.pad(inputs["image_mask"], (0, new_ids.shape[1])).to(device)  # [B, L + T]
+        input_ids = torch.cat([inputs["input_ids"], new_ids], 1).to(device)  # [B, L + T]
+        qformer_text = {k: v.to(device) for k, v in inputs.items() if k.startswith("qformer_")}
+        embeds = self.embed_inputs(features, input_ids, image_mask, **qformer_text)  # [B, L + T, Dlm]
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as `forward`: padding not counted
+        base = self.lm.get_base_model()
+        previous = base.config._attn_implementation
+        with self._generate_lock:  # no generate may run while the LM is switched to eager
+            base.set_attn_implementation("eager")
+            try:
+                out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                              output_attentions=True, logits_to_keep=1)
+            finally:
+                base.set_attn_implementation(previous)
+        attention = torch.stack(out.attentions).float().mean((0, 2))  # [layers, B, H, S, S] -> [B, S, S]
+        choosing = attention[:, inputs["input_ids"].shape[1] - 1:-1]  # [B, T, S]: rows L-1 .. L+T-2
+        on_slots = torch.stack([rows[:, slots] for rows, slots in zip(choosing, image_mask, strict=True)])
+        image_share = on_slots.sum(-1).cpu()  # [B, T]
+        queries = on_slots.cpu() / image_share[..., None]  # [B, T, Nq]
+        words = [n - int(eos) for n, eos in zip(counts, stopped, strict=True)]  # EOS is no word of the answer
+        samples = zip(new_ids, words, queries, image_share, strict=True)
+        return [{"tokens": [self.tokenizer.decode(t) for t in ids[:n]], "queries": q[:n],
+                 "image_share": share[:n]} for ids, n, q, share in samples]
 
     def embed_inputs(self, features: torch.Tensor, input_ids: torch.Tensor, image_mask: torch.Tensor,
                      **qformer_text: torch.Tensor) -> torch.Tensor:

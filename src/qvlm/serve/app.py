@@ -1,4 +1,5 @@
-"""The FastAPI app: the page at `/`, the OpenAI-compatible API under `/v1`, and `/health`.
+"""The FastAPI app: the page at `/`, the OpenAI-compatible API under `/v1` (plus `/v1/attention`, the
+queries' attention maps), and `/health`.
 
 Requests are parsed and checked here (cheap, on the event loop or the thread pool); only checked work
 reaches the single model worker (`worker.py`). Images are decoded a few at a time (`decode_slots`) and
@@ -25,12 +26,13 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from qvlm.serve.attention import attention_body, parse_attention_request
 from qvlm.serve.chat import ChatRequest, parse_chat_request
 from qvlm.serve.errors import APIError, error_body
 from qvlm.serve.images import fetch_image
 from qvlm.serve.settings import LOOPBACK_NAMES, ServeSettings, is_loopback
 from qvlm.serve.stream import stream_chunks
-from qvlm.serve.worker import Job, ModelWorker, Result
+from qvlm.serve.worker import AttentionJob, Job, ModelWorker, Result
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("qvlm.serve")
@@ -119,6 +121,18 @@ def create_app(model, model_id: str, settings: ServeSettings | None = None) -> F
         if result is None:  # the client left; its job was dropped. 499: nginx's "client closed request"
             return Response(status_code=499)
         return _completion(result, completion_id, model_id, chat)
+
+    @app.post("/v1/attention")
+    async def attention(request: Request):
+        """Where each query looks on the image: works for stage-1 models too (it needs only the Q-Former)."""
+        require_key(request)
+        _require_json(request)
+        wanted = parse_attention_request(await _read_json(request, settings.max_body_bytes), settings)
+        image = await fetch_image(wanted.image_url, settings, decode_slots, model.vision.image_size, param="image")
+        maps = await worker.run(AttentionJob(image, wanted.text), gone=request.is_disconnected)
+        if maps is None:  # the client left; its job was dropped
+            return Response(status_code=499)
+        return attention_body(maps)
 
     return app
 

@@ -19,11 +19,22 @@ from qvlm.data.images import BadSample, load_image
 from qvlm.serve.errors import APIError
 from qvlm.serve.settings import ServeSettings
 
-PARAM = "messages"
+PARAM = "messages"  # where a chat request holds its image
 
 
 async def fetch_image(url: str, settings: ServeSettings, decode_slots: anyio.CapacityLimiter,
-                      shrink_to: int | None = None) -> Image.Image:
+                      shrink_to: int | None = None, param: str = PARAM) -> Image.Image:
+    """The image at `url`; errors about it name `param`, the request field that held it."""
+    try:
+        return await _fetch_image(url, settings, decode_slots, shrink_to)
+    except APIError as e:
+        if e.param == PARAM:
+            e.param = param
+        raise
+
+
+async def _fetch_image(url: str, settings: ServeSettings, decode_slots: anyio.CapacityLimiter,
+                       shrink_to: int | None) -> Image.Image:
     if url.startswith("data:"):
         data = decode_data_url(url, settings.max_image_bytes)
     elif url.startswith(("http://", "https://")):
@@ -33,7 +44,7 @@ async def fetch_image(url: str, settings: ServeSettings, decode_slots: anyio.Cap
                            code="remote_images_disabled")
         data = await download(url, settings)
     else:
-        raise APIError(400, "image_url must be a data: URL (data:image/png;base64,...) or an http(s) URL",
+        raise APIError(400, "the image URL must be a data: URL (data:image/png;base64,...) or an http(s) URL",
                        param=PARAM, code="invalid_image_url")
     if decode_slots.statistics().tasks_waiting >= settings.max_queue:
         raise APIError(429, "the server is busy: too many images waiting to be decoded, retry shortly",

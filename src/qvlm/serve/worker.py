@@ -1,5 +1,6 @@
 """One thread owns the model: requests queue here, and non-streamed ones with equal generation settings
-are answered together in one batched `model.generate_text` call.
+are answered together in one batched `model.generate_text` call. Attention-map requests (`AttentionJob`)
+share the queue and are batched among themselves into one `model.patch_attention` call.
 
 `model.generate` is not thread-safe and CPU inference is already parallel inside torch, so running
 requests in parallel threads would be both unsafe and no faster; batching is what raises throughput.
@@ -16,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import torch
 from PIL import Image
 
 from qvlm.models.vlm import TokenCountingStreamer
@@ -48,6 +50,23 @@ class Job:
     on_piece: Callable[[str], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
 
+    def batch_key(self) -> tuple | None:
+        """Queued jobs with equal keys share one model call; None: never batched (streamed)."""
+        return None if self.on_piece else ("generate", self.gen)
+
+
+@dataclass
+class AttentionJob:
+    """Where the Q-Former's queries look on `image` (after reading `text`, when instruction-aware)."""
+
+    image: Image.Image
+    text: str
+    future: Future = field(default_factory=Future)  # resolved with the maps [Nq, G, G] (or the exception)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def batch_key(self) -> tuple:
+        return ("attention",)
+
 
 _STOP = object()
 
@@ -74,14 +93,15 @@ class ModelWorker:
     def pending(self) -> int:
         return self._queue.qsize() + len(self._held)
 
-    def submit(self, job: Job) -> Future:
+    def submit(self, job: Job | AttentionJob) -> Future:
         if self.pending() >= self.max_queue:
             raise APIError(429, "the server is busy: too many queued requests, retry shortly",
                            code="queue_full", type_="rate_limit_error")
         self._queue.put(job)
         return job.future
 
-    async def run(self, job: Job, gone: Callable[[], Awaitable[bool]] | None = None) -> Result | None:
+    async def run(self, job: Job | AttentionJob,
+                  gone: Callable[[], Awaitable[bool]] | None = None) -> Result | torch.Tensor | None:
         """Queue `job` and wait for its result; None when `gone()` says the client left meanwhile (the job
         is then cancelled, so a queue of abandoned requests costs no model time)."""
         future = asyncio.wrap_future(self.submit(job))
@@ -103,17 +123,25 @@ class ModelWorker:
                 return
             if _drop_if_cancelled(first):
                 continue
-            batch = [first] if first.on_piece else self._collect(first)
+            batch = self._collect(first) if first.batch_key() else [first]
             try:
-                self._stream(first) if first.on_piece else self._answer(batch)
+                self._run(batch)
             except BaseException as e:  # a failed batch fails its requests, never the worker
-                log.exception("generation failed")
+                log.exception("model call failed")
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(e)
 
-    def _collect(self, first: Job) -> list[Job]:
-        """`first` plus queued non-streamed jobs with the same settings, up to the batch size."""
+    def _run(self, batch: list[Job] | list[AttentionJob]) -> None:
+        if isinstance(batch[0], AttentionJob):
+            self._attend(batch)
+        elif batch[0].on_piece:
+            self._stream(batch[0])
+        else:
+            self._answer(batch)
+
+    def _collect(self, first: Job | AttentionJob) -> list[Job] | list[AttentionJob]:
+        """`first` plus queued jobs with the same batch key (kind and settings), up to the batch size."""
         batch, others = [first], []
         while len(batch) < self.batch_size:
             if self._held:  # earlier arrivals first, so order is kept within each kind of request
@@ -128,7 +156,7 @@ class ModelWorker:
                 break
             if _drop_if_cancelled(job):
                 continue
-            (batch if job.on_piece is None and job.gen == first.gen else others).append(job)
+            (batch if job.batch_key() == first.batch_key() else others).append(job)
         self._held.extendleft(reversed(others))
         return batch
 
@@ -141,6 +169,15 @@ class ModelWorker:
         for i, job in enumerate(live):
             job.future.set_result(Result(done.texts[i], done.prompt_tokens[i], done.completion_tokens[i],
                                          "stop" if done.stopped[i] else "length"))
+
+    def _attend(self, batch: list[AttentionJob]) -> None:
+        live = [j for j in batch if not _drop_if_cancelled(j)]
+        if not live:
+            return
+        features = self.model.encode_images([j.image for j in live])  # [B, P, Dv]
+        maps = self.model.patch_attention(features, [j.text for j in live]).cpu()  # [B, Nq, G, G]
+        for job, job_maps in zip(live, maps, strict=True):
+            job.future.set_result(job_maps)
 
     def _stream(self, job: Job) -> None:
         pieces = []
@@ -155,7 +192,7 @@ class ModelWorker:
                                      "stop" if streamer.stopped else "length"))
 
 
-def _drop_if_cancelled(job: Job) -> bool:
+def _drop_if_cancelled(job: Job | AttentionJob) -> bool:
     """True (and the job's future cancelled) when its client has gone away."""
     if job.cancelled.is_set():
         job.future.cancel()

@@ -1,5 +1,6 @@
 // qvlm page: pick or drop an image, get its caption, ask questions; answers stream from the same
 // OpenAI-compatible endpoint other clients use (POST /v1/chat/completions with stream: true).
+// Below the image, heat maps of where each Q-Former query looks (POST /v1/attention).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -8,8 +9,17 @@ let imageUrl = null;   // the current image as a data: URL
 let modelId = null;
 let busy = false;
 let maxImageBytes = 10 * 1024 * 1024;
+const MAP_SIDE = 96; // pixels per attention map drawn
+// Heat-map colours from little attention to the most (inferno-like, as `qvlm report` draws them).
+const HEAT = [[0, 0, 4], [120, 28, 109], [237, 105, 37], [252, 255, 164]];
 
 function apiKey() { return $("api-key").value.trim(); }
+
+function jsonHeaders() {
+  const headers = { "Content-Type": "application/json" };
+  if (apiKey()) headers.Authorization = `Bearer ${apiKey()}`;
+  return headers;
+}
 
 function showError(message) {
   $("error").textContent = message;
@@ -85,10 +95,8 @@ async function errorMessage(res) {
 async function streamChat(text, onText) {
   const content = [{ type: "image_url", image_url: { url: imageUrl } }];
   if (text) content.push({ type: "text", text });
-  const headers = { "Content-Type": "application/json" };
-  if (apiKey()) headers.Authorization = `Bearer ${apiKey()}`;
   const res = await fetch("/v1/chat/completions", {
-    method: "POST", headers,
+    method: "POST", headers: jsonHeaders(),
     body: JSON.stringify({ model: modelId, stream: true, messages: [{ role: "user", content }] }),
   });
   if (!res.ok) throw new Error(await errorMessage(res));
@@ -157,6 +165,59 @@ async function ask(question) {
   }
 }
 
+// v in [0, 1] -> [r, g, b] along HEAT
+function heatColour(v) {
+  const x = v * (HEAT.length - 1);
+  const i = Math.min(Math.floor(x), HEAT.length - 2);
+  return HEAT[i].map((c, k) => c + (HEAT[i + 1][k] - c) * (x - i));
+}
+
+// A grid×grid canvas, one pixel per patch; each map is scaled to its own maximum, as in `qvlm report`.
+function heatCanvas(values, grid) {
+  const top = Math.max(...values, 1e-12);
+  const heat = document.createElement("canvas");
+  heat.width = heat.height = grid;
+  const ctx = heat.getContext("2d");
+  const pixels = ctx.createImageData(grid, grid);
+  values.forEach((v, i) => pixels.data.set([...heatColour(v / top), 255], 4 * i)); // raster order
+  ctx.putImageData(pixels, 0, 0);
+  return heat;
+}
+
+function drawMap(img, values, grid, label) {
+  const canvas = document.createElement("canvas");
+  canvas.width = canvas.height = MAP_SIDE;
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(img, 0, 0, MAP_SIDE, MAP_SIDE); // square, as the encoder sees it
+  ctx.globalAlpha = 0.6;
+  ctx.imageSmoothingEnabled = false; // one flat cell per patch
+  ctx.drawImage(heatCanvas(values, grid), 0, 0, MAP_SIDE, MAP_SIDE);
+  const figure = document.createElement("figure");
+  const caption = document.createElement("figcaption");
+  caption.textContent = label;
+  figure.append(canvas, caption);
+  return figure;
+}
+
+async function showAttention() {
+  const url = imageUrl;
+  $("attention").hidden = true;
+  try {
+    const res = await fetch("/v1/attention", {
+      method: "POST", headers: jsonHeaders(), body: JSON.stringify({ image: url }),
+    });
+    if (!res.ok) throw new Error(await errorMessage(res));
+    const body = await res.json();
+    const img = await loadImage(url);
+    if (url !== imageUrl) return; // another image was picked meanwhile
+    const maps = body.maps.map((values, q) => drawMap(img, values, body.grid, `query ${q}`));
+    $("attention-maps").replaceChildren(drawMap(img, body.mean, body.grid, "mean"), ...maps);
+    $("attention").hidden = false;
+  } catch (e) {
+    if (url === imageUrl) showError(`Attention maps: ${e.message}`);
+  }
+}
+
 async function useFile(file) {
   if (!file || busy) return;
   showError("");
@@ -170,6 +231,7 @@ async function useFile(file) {
   $("preview").hidden = false;
   $("drop-hint").hidden = true;
   $("log").replaceChildren();
+  showAttention(); // queued before the caption on the server's one model worker, and quick
   await caption();
 }
 

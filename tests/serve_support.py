@@ -41,7 +41,7 @@ def tiny_trained_run(run: Path, steps: int = 40, lr: float = 1e-2, seed: int = 0
     from helpers import train_stage2_steps
 
     from qvlm.config import get_preset
-    from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
+    from qvlm.models.processing import DEFAULT_CAPTION_PROMPT
     from qvlm.models.vlm import QVLM
 
     torch.manual_seed(seed)

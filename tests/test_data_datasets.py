@@ -172,3 +172,26 @@ def test_length_grouped_sampler_splits_global_batches_across_ranks_and_skips():
     assert len(seen) == len(set(seen)) == 96  # each sample at most once; the 7 left over are dropped
     ranks[0].skip = 3
     assert list(ranks[0]) == per_rank[0][3:] and len(ranks[0]) == len(per_rank[0]) - 3
+
+
+def test_describe_first_puts_the_image_caption_before_its_questions(tmp_path):
+    for i in range(2):
+        Image.new("RGB", (8, 8), (i * 100, 50, 50)).save(tmp_path / f"{i}.png")
+    rows = [{"image": "0.png", "question": "is it  red?", "answer": "yes"},  # before its image's caption
+            {"image": "0.png", "captions": ["a red circle.", "a round red thing"]},
+            {"image": "1.png", "question": "is it blue?", "answer": "no"}]  # an image without a caption
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    records = load_records(tmp_path / "d.jsonl")
+    ds = InstructionDataset(records, encoder=FakeEncoder(), describe_first=True)
+    items = [ds[i] for i in range(len(ds))]
+    by_question = {it["user_text"]: it["prompt"] for it in items if it["answer_type"] is None and
+                   it["answer"] in ("yes", "no")}
+    assert by_question == {"is it red?": "a red circle. is it red?", "is it blue?": "is it blue?"}
+    assert ds.undescribed == 1
+    captions = [it for it in items if it["answer"] not in ("yes", "no")]
+    assert all(c["prompt"] == c["user_text"] and c["prompt"] in CAPTION_PROMPTS for c in captions)
+    plain = InstructionDataset(records, encoder=FakeEncoder())
+    assert [plain[i]["prompt"] for i in range(len(plain))] == [it["user_text"] for it in items]
+    assert plain.undescribed == 0
+    assert ds.lengths()[0] > plain.lengths()[0]  # the description is counted for length grouping
+    assert vqa_prompt(" is it red? ", "a red circle. ") == "a red circle. is it red?"

@@ -16,7 +16,7 @@ from helpers import shape_image
 from torch.utils.data import DataLoader
 
 from qvlm.data.cache import DISK_MARGIN, FeatureCache, choose_features
-from qvlm.data.images import BadSample, DataError
+from qvlm.data.images import BadSample, DataError, SkipCounter
 from qvlm.data.records import load_records
 from qvlm.data.stream import (
     StreamingBatches,
@@ -25,6 +25,7 @@ from qvlm.data.stream import (
     epoch_records,
     open_stream,
     shuffle_buffer,
+    stage_samples,
 )
 
 COLOURS = ("red", "green", "blue", "yellow")
@@ -297,3 +298,16 @@ def test_online_features_equal_cached_ones(tmp_path, tiny_config):
     assert cached.shape == online.shape
     torch.testing.assert_close(cached, online.float(), rtol=2e-3, atol=2e-3)
     assert cache.bytes_per_image() == 2 * online[0].numel() + 128
+
+
+def test_describe_first_in_a_stream_uses_the_records_own_caption(tmp_path):
+    rows = [{"image": "0.png", "caption": "a red square.", "question": "is it red?", "answer": "yes"},
+            {"image": "0.png", "question": "is it  blue?", "answer": "no"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with_caption, alone = load_records(tmp_path / "d.jsonl")
+    skips = SkipCounter("samples")
+    question, caption = stage_samples(with_caption, 2, skips, describe_first=True)
+    assert (question.text, question.description, question.is_question) == ("is it red?", "a red square.", True)
+    assert (caption.text, caption.answer, caption.description) == ("a red square.", "a red square.", None)
+    assert stage_samples(alone, 2, skips, describe_first=True)[0].description is None  # nothing to look up
+    assert stage_samples(with_caption, 2, skips)[0].description is None  # off by default

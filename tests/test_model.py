@@ -170,6 +170,29 @@ def test_stage2_overfit_reproduces_captions(tiny_config, tiny_images):
     assert streamed.strip() == captions[0]
 
 
+def test_describe_first_answers_behind_the_models_own_description(tiny_config, tiny_images, monkeypatch):
+    torch.manual_seed(0)
+    tiny_config.lm.describe_first = True
+    model = QVLM.build(tiny_config)
+    features = model.encode_images(tiny_images[:2])  # [2, P, Dv]
+    train_stage2_steps(model, features, ["Describe this image."] * 2, ["a red cat", "two dogs"])
+    asked = ["is it red?", "What do you see in this image?", "how  many?"]
+    described = ["a red cat. is it red?", "What do you see in this image?", "a red cat. how many?"]
+    rows = features[[0, 1, 0]]
+    describing = []
+    generate_text = model.generate_text
+    monkeypatch.setattr(model, "generate_text", lambda f, texts, **kw: describing.append(texts) or generate_text(f, texts, **kw))
+    assert model.described(rows, asked) == described
+    assert describing == [["Describe this image."]]  # one description for the two questions on image 0
+    monkeypatch.undo()
+    answers = model.generate_text(rows, asked, max_new_tokens=6).texts
+    streamed = "".join(model.stream(tiny_images[0], asked[0], max_new_tokens=6)).strip()
+    model.config.lm.describe_first = False  # the same model, given the described questions as text
+    assert model.described(rows, asked) == asked
+    assert answers == model.generate_text(rows, described, max_new_tokens=6).texts
+    assert streamed == answers[0]
+
+
 def test_frozen_parts_unchanged_trainable_parts_change(tiny_config, tiny_images):
     model = QVLM.build(tiny_config)
     frozen = {k: v.clone() for k, v in model.vision.state_dict().items()}

@@ -2,7 +2,7 @@
 
 import torch
 
-from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
+from qvlm.models.processing import DEFAULT_CAPTION_PROMPT
 from qvlm.models.vlm import QVLM
 
 

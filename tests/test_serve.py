@@ -181,7 +181,7 @@ def test_attention_reads_the_text_of_an_instruction_aware_stage1_model():
     import torch
 
     from qvlm.config import get_preset
-    from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
+    from qvlm.models.processing import DEFAULT_CAPTION_PROMPT
     from qvlm.models.vlm import QVLM
 
     torch.manual_seed(0)

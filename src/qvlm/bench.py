@@ -31,9 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qvlm import precision
 from qvlm.config import ConfigError, QVLMConfig, get_preset
-from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
 from qvlm.models.objectives import Stage1Objective
-from qvlm.models.processing import build_stage2_batch
+from qvlm.models.processing import DEFAULT_CAPTION_PROMPT, build_stage2_batch
 from qvlm.models.vlm import QVLM
 from qvlm.train.optim import build_optimizer, stage1_param_groups, stage2_param_groups
 

@@ -72,6 +72,11 @@ class LMConfig:
     # after the user turn ends, before the assistant turn (the article's layout).
     image_position: str = "before"
     system_prompt: str | None = None  # None: no system turn (shorter sequences train faster)
+    # Answer questions from the model's own description of the image: training puts the image's caption
+    # in front of each question ("a blue triangle. is there a red shape?"), inference generates it first.
+    # The LM then compares words, which it already can, instead of learning to compare image slots
+    # (docs/training.md#describe-first).
+    describe_first: bool = False
 
 
 @dataclass

@@ -183,7 +183,7 @@ def _run(args: argparse.Namespace, prompt: str, command: str) -> int:
 
 
 def run_caption(args: argparse.Namespace) -> int:
-    from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
+    from qvlm.models.processing import DEFAULT_CAPTION_PROMPT
 
     return _run(args, args.prompt or DEFAULT_CAPTION_PROMPT, "caption")
 

@@ -43,7 +43,8 @@ class Stage2Collator:
     """Batch for instruction tuning: token tensors from `models.processing.build_stage2_batch` plus the image.
 
     Returns {features | pixel_values, input_ids [B, L], attention_mask [B, L], image_mask [B, L],
-    labels [B, L], prompts, answers (the target), references (all answers), answer_types, image_keys},
+    labels [B, L], prompts, user_texts (the prompts as a user asks them: without `lm.describe_first`'s
+    description), answers (the target), references (all answers), answer_types, image_keys},
     plus qformer_input_ids / qformer_attention_mask [B, T] (the prompts in the Q-Former's vocabulary)
     when `qformer_tokenizer` is given (instruction-aware models).
     """
@@ -74,6 +75,7 @@ class Stage2Collator:
         if self.qformer_tokenizer is not None:
             tokens |= qformer_text_inputs(self.qformer_tokenizer, prompts, self.qformer_max_len)
         return {**_stack_image(items), **tokens, "prompts": prompts, "answers": answers,
+                "user_texts": [item.get("user_text", item["prompt"]) for item in items],
                 "references": [item.get("answers") or [item["answer"]] for item in items],
                 "answer_types": [item.get("answer_type") for item in items],
                 "image_keys": [item["image_key"] for item in items]}

@@ -30,6 +30,7 @@ class _Entry:
     answers: tuple[str, ...] = ()
     answer_type: str | None = None
     is_question: bool = False
+    description: str | None = None  # a question's image described in words (`lm.describe_first`)
 
 
 class _ImageSource(Dataset):
@@ -121,13 +122,16 @@ class InstructionDataset(_ImageSource):
 
     The caption prompt of item i is drawn from a generator seeded by (seed, epoch, i): reproducible,
     and different each epoch after `set_epoch`. The answer of a VQA record is its most common answer.
-    Item: {features | pixel_values, prompt: str, answer: str, answers: list[str], answer_type: str|None,
-    image_key: str}.
+    With `describe_first`, a question's prompt starts with the first caption of the same image in the
+    data (`vqa_prompt`); questions about an image without one stay bare (`undescribed` counts them).
+    Item: {features | pixel_values, prompt: str (what the model is trained on), user_text: str (what a
+    user asks: the prompt without the description), answer: str, answers: list[str],
+    answer_type: str|None, image_key: str}.
     """
 
     def __init__(self, records: Iterable[Record], *, cache: FeatureCache | None = None,
                  encoder: VisionEncoder | None = None, seed: int = 0, caption_prompts: list[str] | None = None,
-                 use_captions: bool = True, use_vqa: bool = True,
+                 use_captions: bool = True, use_vqa: bool = True, describe_first: bool = False,
                  max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS, skips: SkipCounter | None = None):
         super().__init__(cache, encoder, max_caption_chars, skips)
         self.seed, self.epoch = seed, 0
@@ -151,6 +155,18 @@ class InstructionDataset(_ImageSource):
                         self.entries.append(_Entry(keep, key, caption, answer=caption))
         if not self.entries:
             raise DataError(f"no usable stage-2 samples ({self.skips.summary()})")
+        self.undescribed = self._describe_questions() if describe_first else 0
+
+    def _describe_questions(self) -> int:
+        """Give each question the first caption of its image; returns how many found none."""
+        descriptions: dict[str, str] = {}
+        for entry in self.entries:
+            if not entry.is_question:
+                descriptions.setdefault(entry.image_key, entry.answer)
+        questions = [entry for entry in self.entries if entry.is_question]
+        for entry in questions:
+            entry.description = descriptions.get(entry.image_key)
+        return sum(entry.description is None for entry in questions)
 
     def _add_vqa(self, record: Record, key: str, keep: Record | None) -> None:
         answer = record.best_answer()
@@ -168,6 +184,12 @@ class InstructionDataset(_ImageSource):
     def prompt(self, index: int) -> str:
         entry = self.entries[index]
         if entry.is_question:
+            return vqa_prompt(entry.text, entry.description)
+        return self.user_text(index)
+
+    def user_text(self, index: int) -> str:
+        entry = self.entries[index]
+        if entry.is_question:
             return entry.text
         rng = random.Random(hash((self.seed, self.epoch, index)))  # ints hash deterministically
         return sample_caption_prompt(rng, self.caption_prompts)
@@ -176,7 +198,7 @@ class InstructionDataset(_ImageSource):
         """Rough token count of prompt + answer (≈ 4 characters a token), for length bucketing. A
         caption's prompt is drawn anew each epoch, so it counts at the prompts' mean length."""
         entry = self.entries[index]
-        prompt = len(entry.text) if entry.is_question else self.caption_prompt_chars
+        prompt = len(entry.text) + len(entry.description or "") if entry.is_question else self.caption_prompt_chars
         return int(prompt + len(entry.answer or "")) // 4 + 1
 
     def lengths(self) -> list[int]:
@@ -187,6 +209,6 @@ class InstructionDataset(_ImageSource):
         fields = self._image_fields(entry)
         if fields is None:
             return None
-        return {**fields, "prompt": self.prompt(index), "answer": entry.answer,
+        return {**fields, "prompt": self.prompt(index), "user_text": self.user_text(index), "answer": entry.answer,
                 "answers": list(entry.answers) or [entry.answer], "answer_type": entry.answer_type,
                 "image_key": entry.image_key}

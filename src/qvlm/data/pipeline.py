@@ -81,7 +81,8 @@ def training_data(config, stage: int, data: str, val: str | None, encoder, make:
         stream = StreamingBatches(shards, stage, fields, None, s.batch_size, seed=config.train.seed,
                                   buffer_size=config.train.shuffle_buffer, rank=accelerator.process_index,
                                   world_size=accelerator.num_processes, skips=skips,
-                                  max_bad_fraction=config.train.max_bad_fraction)
+                                  max_bad_fraction=config.train.max_bad_fraction,
+                                  describe_first=stage == 2 and config.lm.describe_first)
         return TrainingData(stream, val_set, mode)
     image = {"cache": cache} if mode == "cache" else {"encoder": encoder}
     train_set = make(records, **image, skips=skips)

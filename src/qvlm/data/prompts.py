@@ -8,18 +8,7 @@ from __future__ import annotations
 
 import random
 
-from qvlm.models.processing import DEFAULT_CAPTION_PROMPT
-
-CAPTION_PROMPTS: list[str] = [
-    DEFAULT_CAPTION_PROMPT,  # the first, and what `qvlm caption` asks at inference
-    "What is shown in the picture?",
-    "Write a short caption for this image.",
-    "What do you see in this image?",
-    "Give a brief description of the picture.",
-    "Caption this image.",
-    "What does this image show?",
-    "Summarize the content of the image in one sentence.",
-]
+from qvlm.models.processing import CAPTION_PROMPTS, with_description
 
 
 def sample_caption_prompt(rng: random.Random, prompts: list[str] | None = None) -> str:
@@ -27,10 +16,12 @@ def sample_caption_prompt(rng: random.Random, prompts: list[str] | None = None) 
     return rng.choice(prompts or CAPTION_PROMPTS)
 
 
-def vqa_prompt(question: str) -> str:
-    """The user text for a question: the question itself, whitespace-normalised.
+def vqa_prompt(question: str, description: str | None = None) -> str:
+    """The user text for a question: the question itself, whitespace-normalised, behind the image's
+    `description` when one is given (`lm.describe_first`).
 
     Kept bare on purpose: shorter prompts train faster (docs/design.md#pipeline) and an instruct LM already
     answers questions; the answer format is learned from the answers.
     """
-    return " ".join(question.split())
+    question = " ".join(question.split())
+    return question if description is None else with_description(description, question)

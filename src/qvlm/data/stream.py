@@ -216,20 +216,16 @@ class Sample:
     answers: tuple[str, ...] = ()
     answer_type: str | None = None
     is_question: bool = False
+    description: str | None = None  # `lm.describe_first`: the record's own first caption
 
 
 def stage_samples(record: Record, stage: int, skips: SkipCounter,
-                  max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> list[Sample]:
+                  max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS, describe_first: bool = False) -> list[Sample]:
     """Stage 1: one sample per caption. Stage 2: one per caption (answer = caption) and one for the
-    question (answer = the most common answer). Bad captions / empty questions are counted and dropped."""
+    question (answer = the most common answer), behind the record's first caption with `describe_first`
+    (a stream cannot look up other records of the same image). Bad captions / empty questions are
+    counted and dropped."""
     samples = []
-    if stage == 2 and record.is_vqa:
-        answer = record.best_answer()
-        if record.question.strip() and answer and answer.strip():
-            samples.append(Sample(record, vqa_prompt(record.question), " ".join(answer.split()),
-                                  tuple(record.answers), record.answer_type, is_question=True))
-        else:
-            skips.skip("empty_qa", record.key)
     for text in record.captions:
         try:
             caption = clean_caption(text, max_caption_chars)
@@ -237,6 +233,15 @@ def stage_samples(record: Record, stage: int, skips: SkipCounter,
             skips.record(e, record.key)
             continue
         samples.append(Sample(record, caption, answer=caption if stage == 2 else None))
+    if stage == 2 and record.is_vqa:
+        answer = record.best_answer()
+        if record.question.strip() and answer and answer.strip():
+            description = samples[0].text if describe_first and samples else None
+            samples.insert(0, Sample(record, vqa_prompt(record.question), " ".join(answer.split()),
+                                     tuple(record.answers), record.answer_type, is_question=True,
+                                     description=description))
+        else:
+            skips.skip("empty_qa", record.key)
     return samples
 
 
@@ -298,7 +303,7 @@ class StreamingBatches(IterableDataset):
     def __init__(self, shards: list[Shard], stage: int, image_fields: Callable[[Record], dict],
                  collate: Callable[[list], dict] | None, batch_size: int, seed: int = 0, buffer_size: int = 1000,
                  caption_prompts: list[str] | None = None, rank: int | None = None, world_size: int | None = None,
-                 skips: SkipCounter | None = None, max_bad_fraction: float = 1.0):
+                 skips: SkipCounter | None = None, max_bad_fraction: float = 1.0, describe_first: bool = False):
         super().__init__()
         if not shards:
             raise DataError("the stream has no shards")
@@ -309,6 +314,7 @@ class StreamingBatches(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.skips = skips if skips is not None else SkipCounter("samples")
         self.max_bad_fraction = max_bad_fraction
+        self.describe_first = describe_first
         self.state = StreamPosition()
 
     def loader(self, collate: Callable[[list], dict], num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
@@ -323,7 +329,8 @@ class StreamingBatches(IterableDataset):
     def samples(self, epoch: int, consumer: int, consumers: int) -> Iterator[Sample]:
         """This consumer's samples of `epoch`, shuffled: a pure function of its arguments and the seed."""
         records = epoch_records(self.shards, self.seed, epoch, consumer, consumers, self.skips)
-        expanded = (s for record in records for s in stage_samples(record, self.stage, self.skips))
+        expanded = (s for record in records
+                    for s in stage_samples(record, self.stage, self.skips, describe_first=self.describe_first))
         return shuffle_buffer(expanded, self.buffer_size, random.Random(hash((self.seed, epoch, consumer))))
 
     def __iter__(self) -> Iterator[dict]:
@@ -382,9 +389,10 @@ class StreamingBatches(IterableDataset):
         self.skips.ok()
         if self.stage == 1:
             return {**fields, "caption": sample.text, "image_key": key}
-        prompt = sample.text
-        if not sample.is_question:  # a caption's prompt is drawn per (seed, consumer, epoch, position)
-            prompt = sample_caption_prompt(random.Random(hash(where)), self.caption_prompts)
-        return {**fields, "prompt": prompt, "answer": sample.answer,
+        if sample.is_question:
+            user_text, prompt = sample.text, vqa_prompt(sample.text, sample.description)
+        else:  # a caption's prompt is drawn per (seed, consumer, epoch, position)
+            user_text = prompt = sample_caption_prompt(random.Random(hash(where)), self.caption_prompts)
+        return {**fields, "prompt": prompt, "user_text": user_text, "answer": sample.answer,
                 "answers": list(sample.answers) or [sample.answer], "answer_type": sample.answer_type,
                 "image_key": key}

@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from qvlm.data.images import SkipCounter
-from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
 from qvlm.data.records import Record
 from qvlm.errors import QVLMError
 from qvlm.eval.evaluate import (
@@ -49,6 +48,7 @@ from qvlm.eval.evaluate import (
     retrieval_positives,
 )
 from qvlm.eval.metrics import caption_scores, normalize_answer, recall_at_k, vqa_scores
+from qvlm.models.processing import DEFAULT_CAPTION_PROMPT
 
 if TYPE_CHECKING:
     from qvlm.models.vlm import QVLM

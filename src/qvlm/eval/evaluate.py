@@ -23,11 +23,12 @@ import torch
 from qvlm.console import progress
 from qvlm.data.cache import FeatureCache
 from qvlm.data.images import BadSample, SkipCounter
-from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT, vqa_prompt
+from qvlm.data.prompts import vqa_prompt
 from qvlm.data.records import Record, read_records
 from qvlm.errors import QVLMError
 from qvlm.eval.metrics import caption_scores, exact_match, positives_from_groups, recall_at_k, vqa_scores
 from qvlm.models.objectives import normalise_caption
+from qvlm.models.processing import DEFAULT_CAPTION_PROMPT
 
 if TYPE_CHECKING:
     from qvlm.models.vlm import QVLM

@@ -20,6 +20,18 @@ from transformers.image_utils import PILImageResampling
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 DEFAULT_CAPTION_PROMPT = "Describe this image."  # what `qvlm caption` asks at inference
+# The caption requests stage 2 trains with, one drawn at random per caption record (as the article does),
+# so the model captions whatever the wording.
+CAPTION_PROMPTS: list[str] = [
+    DEFAULT_CAPTION_PROMPT,
+    "What is shown in the picture?",
+    "Write a short caption for this image.",
+    "What do you see in this image?",
+    "Give a brief description of the picture.",
+    "Caption this image.",
+    "What does this image show?",
+    "Summarize the content of the image in one sentence.",
+]
 IMAGE_MARKER = "<image>"
 USER_MARKER = "<qvlm-user-text>"  # where the user text goes: it is tokenised apart, see prompt_token_ids
 IGNORE = -100
@@ -47,6 +59,18 @@ def render_prompt(tokenizer, image_position: str = "before", system_prompt: str 
     # Cut the (empty) system turn: what the template renders for it alone is a prefix of the full text.
     system_only = tokenizer.apply_chat_template([system], tokenize=False, add_generation_prompt=False)
     return full[len(system_only):] if full.startswith(system_only) else full
+
+
+def with_description(description: str, user_text: str) -> str:
+    """`lm.describe_first`: the image's description in front of a user text, as one sentence before it
+    ("a blue triangle. is there a red shape?")."""
+    return f"{' '.join(description.split()).rstrip('.')}. {' '.join(user_text.split())}"
+
+
+def is_caption_request(user_text: str) -> bool:
+    """Whether a user text is one of the caption requests (`CAPTION_PROMPTS`), which `lm.describe_first`
+    leaves as they are: the description is the answer to them."""
+    return " ".join(user_text.split()) in CAPTION_PROMPTS
 
 
 def prompt_token_ids(tokenizer, prompt: str, user_text: str, num_queries: int,

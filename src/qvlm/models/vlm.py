@@ -42,12 +42,15 @@ from qvlm.models.processing import (
     QVLMProcessor,
     completion_lengths,
     image_processor_for,
+    is_caption_request,
     qformer_text_inputs,
+    with_description,
 )
 from qvlm.models.qformer import QFormer, TextEncoderSpec
 from qvlm.models.tiny import random_model, tiny_lm_tokenizer
 from qvlm.models.vision import FrozenVisionEncoder
 
+DESCRIPTION_TOKENS = 32  # `lm.describe_first`: the longest description generated before an answer
 WEIGHTS_FILE = "model.safetensors"  # the Q-Former's and the adapter's weights (`qformer.*`, `adapter.*`)
 LORA_FOLDER = "lora"  # the LoRA as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
 
@@ -183,7 +186,7 @@ class QVLM(nn.Module):
         (0..1); `queries[t]` is that part divided by `image_share[t]`, so each row sums to 1: how the
         token's image attention splits over the queries, however little of it there is."""
         self._require_lm()
-        inputs = self.processor(text=user_texts)
+        inputs = self.processor(text=self.described(features, user_texts))
         new_ids = self.generate(**inputs, image_features=features, **generate_kwargs).cpu()  # [B, T]
         counts, stopped = completion_lengths(new_ids, self.tokenizer.eos_token_id)
         generated = torch.arange(new_ids.shape[1]) < torch.tensor(counts)[:, None]  # [B, T]: False after EOS
@@ -306,10 +309,29 @@ class QVLM(nn.Module):
             return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask.to(device),
                                     **with_sampling_rule(generate_kwargs))
 
+    def described(self, image_features: torch.Tensor, user_texts: list[str]) -> list[str]:
+        """The user texts as the LM reads them: with `lm.describe_first`, each text that is not a caption
+        request gets the model's own description of its image in front (greedy, one per distinct image:
+        [B, P, Dv] rows that are equal share it); otherwise unchanged."""
+        if not self.config.lm.describe_first:
+            return list(user_texts)
+        asking = [i for i, text in enumerate(user_texts) if not is_caption_request(text)]
+        if not asking:
+            return list(user_texts)
+        images, which = torch.unique(image_features[asking].flatten(1), dim=0, return_inverse=True)
+        descriptions = self.generate_text(images.view(-1, *image_features.shape[1:]),
+                                          [DEFAULT_CAPTION_PROMPT] * len(images), max_new_tokens=DESCRIPTION_TOKENS,
+                                          do_sample=False, num_beams=1).texts
+        texts = list(user_texts)
+        for i, image in zip(asking, which.tolist(), strict=True):
+            texts[i] = with_description(descriptions[image], texts[i])
+        return texts
+
     def generate_text(self, image_features: torch.Tensor, user_texts: list[str], **generate_kwargs) -> Completions:
         """Encoded images [B, P, Dv] and one user text each -> the decoded answers with their real token
-        counts (`num_return_sequences=n` gives n answers per image, in order)."""
-        inputs = self.processor(text=user_texts)
+        counts (`num_return_sequences=n` gives n answers per image, in order). With `lm.describe_first`,
+        the model describes each image before answering a question about it (`described`)."""
+        inputs = self.processor(text=self.described(image_features, user_texts))
         ids = self.generate(**inputs, image_features=image_features, **generate_kwargs)
         counts, stopped = completion_lengths(ids, self.tokenizer.eos_token_id)
         texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -333,7 +355,8 @@ class QVLM(nn.Module):
         `TokenCountingStreamer` to read the real token count afterwards."""
         self._require_lm()
         streamer = streamer or TokenCountingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        inputs = self.processor(images=[image], text=[user_text])
+        features = self.encode_images([image])  # [1, P, Dv]
+        inputs = {**self.processor(text=self.described(features, [user_text])), "image_features": features}
         stop = threading.Event()  # set when the caller stops reading (a client that left)
         criteria = StoppingCriteriaList([_StopWhenSet(stop), *generate_kwargs.pop("stopping_criteria", [])])
         errors: list[BaseException] = []

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
+from qvlm.models.processing import DEFAULT_CAPTION_PROMPT
 from qvlm.serve.errors import APIError
 from qvlm.serve.settings import ServeSettings
 

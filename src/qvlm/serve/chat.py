@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from qvlm.data.prompts import DEFAULT_CAPTION_PROMPT
+from qvlm.models.processing import DEFAULT_CAPTION_PROMPT
 from qvlm.serve.errors import APIError
 from qvlm.serve.settings import ServeSettings
 

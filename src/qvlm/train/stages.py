@@ -82,8 +82,10 @@ def stage2(config: QVLMConfig, data: str, val: str | None, init: str | None, acc
     model = stage2_model(config, init).to(accelerator.device)
     if mixed_precision == "bf16":
         precision.store_frozen_in(model.lm, torch.bfloat16)
-    make = partial(InstructionDataset, seed=config.train.seed)
+    make = partial(InstructionDataset, seed=config.train.seed, describe_first=config.lm.describe_first)
     train_set, val_set = _datasets(config, 2, data, val, model, accelerator, make)
+    if config.lm.describe_first and isinstance(train_set, InstructionDataset):
+        accelerator.print(_described(train_set))
     collate = Stage2Collator(model.tokenizer, config.qformer.num_queries, config.lm.image_position,
                              config.lm.system_prompt, s.max_answer_tokens,
                              qformer_tokenizer=model.text_tokenizer if config.qformer.instruction_aware else None,
@@ -101,6 +103,14 @@ def stage2(config: QVLMConfig, data: str, val: str | None, init: str | None, acc
                  on_epoch=train_set.set_epoch if isinstance(train_set, InstructionDataset) else _nothing,
                  count=stats.count, log_fields=stats.log_fields, extra_validation=scores if val_set is not None else _nothing,
                  after_training=stats.report)
+
+
+def _described(train_set: InstructionDataset) -> str:
+    questions = sum(entry.is_question for entry in train_set.entries)
+    return (f"lm.describe_first: {questions - train_set.undescribed:,} of {questions:,} questions train behind "
+            "a caption of their image" + (f"; {train_set.undescribed:,} have none and train without: the model "
+                                          "describes every image before answering, so give each question's "
+                                          "image a caption" if train_set.undescribed else ""))
 
 
 def stage2_model(config: QVLMConfig, init: str | None) -> QVLM:
@@ -216,7 +226,8 @@ def _generate(model: QVLM, samples, collate, batch_size: int, device) -> tuple[l
         # as long as a trained answer can be; with no cap (the article's), the decoding default
         longest = model.config.stage2.max_answer_tokens or model.config.generation.max_new_tokens or 32
         # greedy whatever the config's `generation` section says: validation scores must be reproducible
-        preds += model.generate_from_features(batch["features"].to(device), batch["prompts"], max_new_tokens=longest,
+        # what users ask (with lm.describe_first, the model describes the image itself, as at inference)
+        preds += model.generate_from_features(batch["features"].to(device), batch["user_texts"], max_new_tokens=longest,
                                               temperature=0.0, num_beams=1)
         for key in items:
             items[key] += batch[key]

@@ -157,7 +157,8 @@ def test_stage2_overfit_reproduces_captions(tiny_config, tiny_images):
     model = QVLM.build(tiny_config)
     captions = ["a red cat", "two dogs", "blue sky", "an old car"]
     features = model.encode_images(tiny_images[:4])
-    train_stage2_steps(model, features, ["Describe this image."] * 4, captions)
+    # 600 steps: on an AVX2-only AMD EPYC (no AVX-512) the loss is still ~0.5 after 300, one caption wrong
+    train_stage2_steps(model, features, ["Describe this image."] * 4, captions, steps=600)
     generated = model.generate_from_features(features, ["Describe this image."] * 4, max_new_tokens=20)
     assert generated == captions
     # batched (left-padded) generation equals one-at-a-time generation, prompts of different lengths

@@ -102,7 +102,7 @@ def test_positive_pairs_are_same_caption_or_same_image():
 
 
 def fake_build(tokenizer, user_texts, answers, num_queries, image_position="before", system_prompt=None,
-               max_answer_tokens=None):
+               max_answer_tokens=None, learned_chars=None):
     """Stand-in with the exact signature of sequences.build_stage2_batch (char-level, left-padded)."""
     rows = [[1] * num_queries + [ord(c) for c in u] + [ord(c) for c in a][:max_answer_tokens] + [2]
             for u, a in zip(user_texts, answers, strict=True)]
@@ -173,6 +173,22 @@ def test_length_grouped_sampler_splits_global_batches_across_ranks_and_skips():
     ranks[0].skip = 3
     assert list(ranks[0]) == per_rank[0][3:] and len(ranks[0]) == len(per_rank[0]) - 3
 
+
+
+@pytest.mark.parametrize("learn", [True, False])
+def test_stage2_collator_trains_on_descriptions_only_when_asked(learn):
+    seen = {}
+
+    def recording_build(*args, learned_chars=None, **kwargs):
+        seen["learned_chars"] = learned_chars
+        return fake_build(*args, **kwargs)
+
+    items = [{"features": torch.ones(4, 3), "prompt": "a red circle. is it red?", "description": "a red circle",
+              "answer": "yes", "image_key": "k"},
+             {"features": torch.ones(4, 3), "prompt": "Describe this image.", "description": None,
+              "answer": "a red circle", "image_key": "k"}]
+    Stage2Collator(None, num_queries=2, build_batch=recording_build, learn_description=learn)(items)
+    assert seen["learned_chars"] == ([len("a red circle.")] if learn else [0]) + [0]
 
 def test_describe_first_puts_the_image_caption_before_its_questions(tmp_path):
     for i in range(2):

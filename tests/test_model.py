@@ -111,6 +111,22 @@ def test_labels_only_on_answer_and_eos_when_pad_is_eos(tiny_config):
     assert batch["input_ids"][0, 0] == tok.pad_token_id
 
 
+
+def test_describe_first_labels_the_description_and_the_answer_but_not_the_question(tiny_config):
+    from qvlm.models.processing import description_chars, with_description
+
+    tok = QVLM.build(tiny_config).tokenizer
+    text = with_description("a red  triangle.", "is there a circle?")  # "a red triangle. is there a circle?"
+    learned = [description_chars("a red  triangle."), 0]
+    batch = build_stage2_batch(tok, [text, text], ["no", "no"], num_queries=4, learned_chars=learned)
+    described, bare = batch["labels"].tolist()
+    answer = tok("no", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert [v for v in described if v != IGNORE] == tok("a red triangle.", add_special_tokens=False).input_ids + answer
+    assert [v for v in bare if v != IGNORE] == answer
+    assert description_chars(None) == 0
+    # at inference (no answers) nothing is labelled, whatever learned_chars says
+    assert "labels" not in build_stage2_batch(tok, [text], None, num_queries=4, learned_chars=learned[:1])
+
 def test_stage1_itc_overfits_eight_pairs(tiny_config, tiny_images):
     torch.manual_seed(0)
     model = QVLM.build(tiny_config, stage=1)

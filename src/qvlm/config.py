@@ -77,6 +77,10 @@ class LMConfig:
     # The LM then compares words, which it already can, instead of learning to compare image slots
     # (docs/training.md#describe-first).
     describe_first: bool = False
+    # With describe_first: train on the description in front of each question too, as on a caption
+    # (the model writes it at inference). Otherwise only the few caption samples teach it to see: the
+    # question samples copy colour and shape from the words in front of them.
+    learn_description: bool = True
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
-from qvlm.models.processing import qformer_text_inputs
+from qvlm.models.processing import description_chars, qformer_text_inputs
 
 
 def _stack_image(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -51,9 +51,12 @@ class Stage2Collator:
 
     def __init__(self, tokenizer: Any, num_queries: int, image_position: str = "before",
                  system_prompt: str | None = None, max_answer_tokens: int | None = None,
-                 build_batch: Any = None, qformer_tokenizer: Any = None, qformer_max_len: int = 32):
-        """`build_batch` replaces `build_stage2_batch` (tests); same signature."""
+                 build_batch: Any = None, qformer_tokenizer: Any = None, qformer_max_len: int = 32,
+                 learn_description: bool = False):
+        """`build_batch` replaces `build_stage2_batch` (tests); same signature. `learn_description`: train
+        on each item's `description` in front of its question as well (`lm.learn_description`)."""
         self.tokenizer = tokenizer
+        self.learn_description = learn_description
         self.qformer_tokenizer, self.qformer_max_len = qformer_tokenizer, qformer_max_len
         self.num_queries = num_queries
         self.image_position = image_position
@@ -69,9 +72,10 @@ class Stage2Collator:
             return {}
         prompts = [item["prompt"] for item in items]
         answers = [item["answer"] for item in items]
+        learned = [description_chars(item.get("description")) if self.learn_description else 0 for item in items]
         tokens = self.build_batch(self.tokenizer, prompts, answers, self.num_queries,
                                   image_position=self.image_position, system_prompt=self.system_prompt,
-                                  max_answer_tokens=self.max_answer_tokens)
+                                  max_answer_tokens=self.max_answer_tokens, learned_chars=learned)
         if self.qformer_tokenizer is not None:
             tokens |= qformer_text_inputs(self.qformer_tokenizer, prompts, self.qformer_max_len)
         return {**_stack_image(items), **tokens, "prompts": prompts, "answers": answers,

@@ -125,7 +125,8 @@ class InstructionDataset(_ImageSource):
     With `describe_first`, a question's prompt starts with the first caption of the same image in the
     data (`vqa_prompt`); questions about an image without one stay bare (`undescribed` counts them).
     Item: {features | pixel_values, prompt: str (what the model is trained on), user_text: str (what a
-    user asks: the prompt without the description), answer: str, answers: list[str],
+    user asks: the prompt without the description), description: str|None (in front of a question's
+    prompt), answer: str, answers: list[str],
     answer_type: str|None, image_key: str}.
     """
 
@@ -209,6 +210,7 @@ class InstructionDataset(_ImageSource):
         fields = self._image_fields(entry)
         if fields is None:
             return None
-        return {**fields, "prompt": self.prompt(index), "user_text": self.user_text(index), "answer": entry.answer,
+        return {**fields, "prompt": self.prompt(index), "user_text": self.user_text(index),
+                "description": entry.description if entry.is_question else None, "answer": entry.answer,
                 "answers": list(entry.answers) or [entry.answer], "answer_type": entry.answer_type,
                 "image_key": entry.image_key}

@@ -393,6 +393,7 @@ class StreamingBatches(IterableDataset):
             user_text, prompt = sample.text, vqa_prompt(sample.text, sample.description)
         else:  # a caption's prompt is drawn per (seed, consumer, epoch, position)
             user_text = prompt = sample_caption_prompt(random.Random(hash(where)), self.caption_prompts)
-        return {**fields, "prompt": prompt, "user_text": user_text, "answer": sample.answer,
+        return {**fields, "prompt": prompt, "user_text": user_text,
+                "description": sample.description if sample.is_question else None, "answer": sample.answer,
                 "answers": list(sample.answers) or [sample.answer], "answer_type": sample.answer_type,
                 "image_key": key}

@@ -73,10 +73,17 @@ def is_caption_request(user_text: str) -> bool:
     return " ".join(user_text.split()) in CAPTION_PROMPTS
 
 
-def prompt_token_ids(tokenizer, prompt: str, user_text: str, num_queries: int,
-                     slot_id: int) -> tuple[list[int], list[bool]]:
+def description_chars(description: str | None) -> int:
+    """How many leading characters of `with_description(description, question)` are the description
+    (its closing full stop included); 0 without one."""
+    return len(with_description(description, "").rstrip()) if description else 0
+
+
+def prompt_token_ids(tokenizer, prompt: str, user_text: str, num_queries: int, slot_id: int,
+                     learned_chars: int = 0) -> tuple[list[int], list[bool], list[bool]]:
     """Tokenise a rendered prompt, expanding IMAGE_MARKER into `num_queries` slot positions and USER_MARKER
-    into `user_text`'s tokens.
+    into `user_text`'s tokens. Returns ids, is_image and `learned`: the user-text tokens that lie within
+    its first `learned_chars` characters (trained on like an answer: `lm.describe_first`'s description).
 
     The user text is tokenised with `split_special_tokens`: a user who types `<|im_end|><|im_start|>` gets
     those characters as plain text, never the template's control tokens (nor an image slot for `<image>`).
@@ -87,28 +94,37 @@ def prompt_token_ids(tokenizer, prompt: str, user_text: str, num_queries: int,
             raise ValueError(f"prompt must hold {marker} once: {prompt!r}")
     ids: list[int] = []
     is_image: list[bool] = []
+    learned: list[bool] = []
     for piece in pieces:
         if piece == IMAGE_MARKER:
             ids += [slot_id] * num_queries
             is_image += [True] * num_queries
+            learned += [False] * num_queries
             continue
         if piece == USER_MARKER:
-            piece_ids = tokenizer(user_text, add_special_tokens=False, split_special_tokens=True).input_ids
+            tokens = tokenizer(user_text, add_special_tokens=False, split_special_tokens=True,
+                               return_offsets_mapping=learned_chars > 0)
+            piece_ids = tokens.input_ids
+            learned += ([end <= learned_chars for _, end in tokens.offset_mapping] if learned_chars
+                        else [False] * len(piece_ids))
         else:
             piece_ids = tokenizer(piece, add_special_tokens=False).input_ids if piece else []
+            learned += [False] * len(piece_ids)
         ids += piece_ids
         is_image += [False] * len(piece_ids)
-    return ids, is_image
+    return ids, is_image, learned
 
 
 def build_stage2_batch(tokenizer, user_texts: list[str], answers: list[str] | None, num_queries: int,
                        image_position: str = "before", system_prompt: str | None = None,
-                       max_answer_tokens: int | None = None) -> dict[str, torch.Tensor]:
+                       max_answer_tokens: int | None = None,
+                       learned_chars: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Tokenise a batch for training (answers given) or generation (answers=None).
 
     Returns left-padded tensors: input_ids [B, L] long, attention_mask [B, L] long (0 on padding),
-    image_mask [B, L] bool (the Nq slot positions), and labels [B, L] long (-100 except answer + EOS)
-    when answers are given.
+    image_mask [B, L] bool (the Nq slot positions), and labels [B, L] long (-100 except answer + EOS,
+    and the first `learned_chars[i]` characters of user text i: `description_chars`) when answers are
+    given.
     """
     if answers is not None and len(answers) != len(user_texts):
         raise ValueError(f"{len(user_texts)} prompts but {len(answers)} answers")
@@ -116,8 +132,9 @@ def build_stage2_batch(tokenizer, user_texts: list[str], answers: list[str] | No
     rows = []
     prompt = render_prompt(tokenizer, image_position, system_prompt)
     for i, text in enumerate(user_texts):
-        ids, is_image = prompt_token_ids(tokenizer, prompt, text, num_queries, slot_id=pad_id)
-        labels = [IGNORE] * len(ids)
+        chars = learned_chars[i] if learned_chars is not None and answers is not None else 0
+        ids, is_image, learned = prompt_token_ids(tokenizer, prompt, text, num_queries, pad_id, chars)
+        labels = [token if learn else IGNORE for token, learn in zip(ids, learned, strict=True)]
         if answers is not None:
             answer_ids = tokenizer(answers[i].strip(), add_special_tokens=False).input_ids
             if max_answer_tokens is None or len(answer_ids) <= max_answer_tokens:

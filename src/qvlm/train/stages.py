@@ -89,7 +89,8 @@ def stage2(config: QVLMConfig, data: str, val: str | None, init: str | None, acc
     collate = Stage2Collator(model.tokenizer, config.qformer.num_queries, config.lm.image_position,
                              config.lm.system_prompt, s.max_answer_tokens,
                              qformer_tokenizer=model.text_tokenizer if config.qformer.instruction_aware else None,
-                             qformer_max_len=config.qformer.max_text_len)
+                             qformer_max_len=config.qformer.max_text_len,
+                             learn_description=config.lm.describe_first and config.lm.learn_description)
     stats = AnswerStats(model.tokenizer.eos_token_id, s.max_answer_tokens)
     scores = partial(_generation_scores, model, val_set, collate, s.batch_size, accelerator.device, 4)
     return Stage(2, s, model, Stage2Objective(model),

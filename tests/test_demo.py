@@ -40,3 +40,38 @@ def test_demo_takes_seed_and_overrides_and_rejects_a_bad_one_before_any_work(tmp
     with pytest.raises(ConfigError, match="mixed_precision"):
         run_demo(tmp_path / "demo", "default", overrides=["stage2.mixed_precision=no"])
     assert not (tmp_path / "demo").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("argv", "stage1_budget_s"), [
+    ([], None),  # every planned step
+    (["--minutes", "8"], 0.25 * 8 * 60),
+    (["--minutes", "0"], None),
+    (["--full", "--minutes", "40"], 0.25 * 40 * 60),
+])
+def test_demo_minutes_gives_stage1_a_quarter_of_the_budget(argv, stage1_budget_s, tmp_path, monkeypatch, capsys):
+    import qvlm.bundle
+    import qvlm.data.bundled
+    import qvlm.train.trainer
+
+    def fake_easyvqa(out):  # one record per split: the demo only needs the manifests to exist here
+        out.mkdir(parents=True)
+        for split in ("train", "val", "test"):
+            (out / f"{split}.jsonl").write_text(json.dumps({"image": f"{split}.png", "caption": "a shape"}) + "\n")
+
+    seen = {}
+
+    def fake_train(config, stage, *args, **kwargs):
+        seen["stage1_budget_s"] = config.stage1.time_budget_s
+        raise _Stop
+
+    monkeypatch.setattr(qvlm.bundle, "fetch", lambda: None)
+    monkeypatch.setattr(qvlm.data.bundled, "build_easyvqa", fake_easyvqa)
+    monkeypatch.setattr(qvlm.train.trainer, "train", fake_train)
+    with pytest.raises(_Stop):
+        main(["demo", "--out", str(tmp_path / "demo"), *argv])
+    assert seen["stage1_budget_s"] == stage1_budget_s
+    assert ("time plan: about" in capsys.readouterr().out) == (stage1_budget_s is not None)

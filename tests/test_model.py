@@ -127,6 +127,19 @@ def test_describe_first_labels_the_description_and_the_answer_but_not_the_questi
     # at inference (no answers) nothing is labelled, whatever learned_chars says
     assert "labels" not in build_stage2_batch(tok, [text], None, num_queries=4, learned_chars=learned[:1])
 
+
+def test_answer_positions_are_the_labels_after_each_rows_last_ignored_one():
+    from qvlm.models.processing import answer_positions
+
+    I = IGNORE  # noqa: E741
+    labels = torch.tensor([[I, I, 5, 6, I, 7, 8],   # description (5, 6), question, answer (7, 8)
+                           [I, I, I, I, I, 9, 2],   # answer only
+                           [3, 4, 5, 6, 7, 8, 9]])  # a window holding only labels: all answer
+    expected = torch.tensor([[0, 0, 0, 0, 0, 1, 1],
+                             [0, 0, 0, 0, 0, 1, 1],
+                             [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(answer_positions(labels), expected)
+
 def test_stage1_itc_overfits_eight_pairs(tiny_config, tiny_images):
     torch.manual_seed(0)
     model = QVLM.build(tiny_config, stage=1)

@@ -99,6 +99,35 @@ def test_stage2_objective_is_the_lm_loss_in_the_same_output_type(tiny_config, ti
     batch = Stage2Collator(model.tokenizer, tiny_config.qformer.num_queries)(items)
     tensors = {k: batch[k] for k in ("features", "input_ids", "attention_mask", "image_mask", "labels")}
     out = Stage2Objective(model)(**tensors)
-    assert isinstance(out, ObjectiveOutput) and set(out.losses) == {"lm"} and out.weights == {"lm": 1.0}
-    torch.testing.assert_close(out.loss, out.losses["lm"])
-    torch.testing.assert_close(out.loss, model(**tensors).loss)
+    assert isinstance(out, ObjectiveOutput) and set(out.losses) == {"answer"} and out.weights == {"answer": 1.0}
+    torch.testing.assert_close(out.loss, out.losses["answer"])
+    torch.testing.assert_close(out.loss, model(**tensors).loss)  # without descriptions: every label is an answer
+
+
+def test_stage2_objective_weighs_answer_and_description_as_two_means(tiny_config, tiny_images):
+    torch.manual_seed(0)
+    model = QVLM.build(tiny_config, stage=2).eval()
+    features = model.encode_images(tiny_images[:2])
+    items = [{"features": features[0], "prompt": "a red circle on a white ground. is it red?",
+              "description": "a red circle on a white ground", "answer": "yes", "image_key": "0"},
+             {"features": features[1], "prompt": "Describe this image.", "description": None,
+              "answer": "a blue square", "image_key": "1"}]
+    batch = Stage2Collator(model.tokenizer, tiny_config.qformer.num_queries, learn_description=True)(items)
+    tensors = {k: batch[k] for k in ("features", "input_ids", "attention_mask", "image_mask", "labels")}
+    out = Stage2Objective(model, learn_description=True)(**tensors)
+
+    labels = tensors["labels"]
+    logits = model(**{k: v for k, v in tensors.items() if k != "labels"}).logits  # [B, L, V], all positions
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                                  reduction="none")  # [B, L-1]; -100 gives 0
+    targets = labels[:, 1:]
+    answer_ids = [model.tokenizer("yes", add_special_tokens=False).input_ids,
+                  model.tokenizer("a blue square", add_special_tokens=False).input_ids]
+    is_answer = torch.zeros_like(targets, dtype=torch.bool)
+    for row, ids in enumerate(answer_ids):
+        is_answer[row, -(len(ids) + 1):] = True  # the answer and its EOS end each left-padded row
+    is_description = (targets != -100) & ~is_answer
+    assert is_description[0].sum() >= 5 and not is_description[1].any()
+    torch.testing.assert_close(out.losses["answer"], per_token[is_answer].mean())
+    torch.testing.assert_close(out.losses["description"], per_token[is_description].mean())
+    torch.testing.assert_close(out.loss, out.losses["answer"] + out.losses["description"])

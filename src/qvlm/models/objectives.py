@@ -4,7 +4,7 @@ Stage 1 (`Stage1Objective`) trains the Q-Former with BLIP-2's three losses side 
 forward, each under its own attention mask (`qformer.MODES`): ITC (unimodal: queries and text apart),
 ITM (bidirectional: queries and text see each other) and ITG (causal: text sees the queries and earlier
 text). Stage 2 (`Stage2Objective`) trains the adapter and LoRA (optionally the Q-Former) with the LM's
-next-token loss on the answers.
+next-token loss on the answers (and on the image's description, with `lm.learn_description`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qvlm.config import QVLMConfig
+from qvlm.models.processing import IGNORE, answer_positions
 
 
 @dataclass
@@ -87,18 +89,37 @@ class Stage1Objective(nn.Module):
 
 
 class Stage2Objective(nn.Module):
-    """The LM's cross-entropy on the answer tokens (+ EOS) of a `Stage2Collator` batch."""
+    """The LM's next-token cross-entropy on a `Stage2Collator` batch, in parts: `answer` (the answer
+    tokens + EOS that end each row) and, with `learn_description` (`lm.learn_description`),
+    `description` (the image's description in front of the question).
 
-    def __init__(self, model: nn.Module):
+    Each part is the mean over its own tokens, so a two-token answer weighs as much as a ten-token
+    description. Averaged together, the answers were a sixth of the loss and easy-VQA's yes/no
+    comparison was learned late or not at all on some seeds (docs/BENCHMARKS.md, issue 14)."""
+
+    def __init__(self, model: nn.Module, learn_description: bool = False):
         super().__init__()
         self.model = model
+        self.learn_description = learn_description
 
     def forward(self, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image_mask: torch.Tensor, labels: torch.Tensor, **qformer_text: torch.Tensor) -> ObjectiveOutput:
         """features [B, P, Dv], token tensors [B, L]; `qformer_text`: the prompts' Q-Former tokens
         (qformer_input_ids / qformer_attention_mask [B, T]) for instruction-aware models."""
-        out = self.model(features, input_ids, attention_mask, image_mask, labels, **qformer_text)
-        return ObjectiveOutput.weighted({"lm": out.loss}, {"lm": 1.0})
+        out = self.model(features, input_ids, attention_mask, image_mask, labels, return_loss=False,
+                         **qformer_text)
+        targets = labels[:, -out.logits.shape[1]:]  # the last K positions, the ones the logits cover: [B, K]
+        per_token = F.cross_entropy(out.logits.float().transpose(1, 2), targets, ignore_index=IGNORE,
+                                    reduction="none")  # [B, K], 0 where ignored
+        is_answer = answer_positions(targets)
+        losses = {"answer": _mean_where(per_token, is_answer)}
+        if self.learn_description:  # a part every batch has (0 without descriptions), so logs line up
+            losses["description"] = _mean_where(per_token, (targets != IGNORE) & ~is_answer)
+        return ObjectiveOutput.weighted(losses, {"answer": 1.0, "description": 1.0})
+
+
+def _mean_where(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 def normalise_caption(text: str) -> str:

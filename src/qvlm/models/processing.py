@@ -162,6 +162,14 @@ def build_stage2_batch(tokenizer, user_texts: list[str], answers: list[str] | No
     return out
 
 
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """bool [B, L]: the labelled positions that hold each row's answer (+ EOS), the labels after the
+    row's last IGNORE (left padding puts the answer at the end of every row). Labelled positions before
+    it are the description that `lm.learn_description` trains on."""
+    ignored_at_or_after = (labels == IGNORE).flip(-1).cumsum(-1).flip(-1) > 0
+    return ~ignored_at_or_after
+
+
 def truncated_answers(labels: torch.Tensor, eos_id: int) -> int:
     """How many rows of a training batch hold an answer cut at `max_answer_tokens`: labels [B, L] are
     left-padded, so each row's last position is its EOS unless the answer was cut."""

@@ -226,9 +226,10 @@ class QVLM(nn.Module):
     def forward(self, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image_mask: torch.Tensor, labels: torch.Tensor | None = None, all_logits: bool = False,
                 qformer_input_ids: torch.Tensor | None = None,
-                qformer_attention_mask: torch.Tensor | None = None):
+                qformer_attention_mask: torch.Tensor | None = None, return_loss: bool = True):
         """Batch from `Stage2Collator` -> the LM's output; `.loss` is the mean cross-entropy over the
         labelled (answer + EOS) tokens. Instruction-aware models also take the prompts' Q-Former tokens.
+        `return_loss=False` leaves the loss to the caller (`Stage2Objective` splits it in parts).
 
         With labels, logits [B, K, V] cover only the last K positions, the shortest window holding every
         labelled target (answers end the left-padded rows): the vocabulary projection and its softmax
@@ -250,8 +251,9 @@ class QVLM(nn.Module):
         predicting = torch.arange(length - window - 1, length - 1, device=labels.device)
         out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                       logits_to_keep=predicting)
-        out.loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels[:, -window:].flatten(),
-                                   ignore_index=IGNORE)
+        if return_loss:
+            out.loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels[:, -window:].flatten(),
+                                       ignore_index=IGNORE)
         return out
 
     # -- generation ----------------------------------------------------------------------------------

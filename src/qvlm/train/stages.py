@@ -86,14 +86,15 @@ def stage2(config: QVLMConfig, data: str, val: str | None, init: str | None, acc
     train_set, val_set = _datasets(config, 2, data, val, model, accelerator, make)
     if config.lm.describe_first and isinstance(train_set, InstructionDataset):
         accelerator.print(_described(train_set))
+    learn_description = config.lm.describe_first and config.lm.learn_description
     collate = Stage2Collator(model.tokenizer, config.qformer.num_queries, config.lm.image_position,
                              config.lm.system_prompt, s.max_answer_tokens,
                              qformer_tokenizer=model.text_tokenizer if config.qformer.instruction_aware else None,
                              qformer_max_len=config.qformer.max_text_len,
-                             learn_description=config.lm.describe_first and config.lm.learn_description)
+                             learn_description=learn_description)
     stats = AnswerStats(model.tokenizer.eos_token_id, s.max_answer_tokens)
     scores = partial(_generation_scores, model, val_set, collate, s.batch_size, accelerator.device, 4)
-    return Stage(2, s, model, Stage2Objective(model),
+    return Stage(2, s, model, Stage2Objective(model, learn_description),
                  ("features", "input_ids", "attention_mask", "image_mask", "labels",
                   "qformer_input_ids", "qformer_attention_mask"),  # the last two: instruction-aware
                  train_set, val_set, collate,

@@ -36,6 +36,7 @@ def test_demo_takes_seed_and_overrides_and_rejects_a_bad_one_before_any_work(tmp
     config = demo_config(PLANS["default"], "default", seed=3, overrides=["stage2.mixed_precision=fp32",
                                                                           "stage2.max_steps=7"])
     assert config.train.seed == 3 and config.stage2.mixed_precision == "fp32"
+    assert config.stage2.batch_size == PLANS["default"].stage2_batch_size  # the plan sets it, not the preset
     assert config.stage2.max_steps == 7  # --set wins over the plan
     with pytest.raises(ConfigError, match="mixed_precision"):
         run_demo(tmp_path / "demo", "default", overrides=["stage2.mixed_precision=no"])

@@ -23,6 +23,7 @@ class DemoPlan:
     train_images: int | None  # None: all 3,600 training images
     stage1_steps: int
     stage2_steps: int
+    stage2_batch_size: int
     eval_questions: int  # a fixed subset: the first N questions of test.jsonl
     eval_images: int  # images for the retrieval numbers
     eval_every: int  # validation during training, in steps
@@ -37,12 +38,14 @@ EVAL_SHARE = 0.25
 
 
 PLANS = {
-    "smoke": DemoPlan(train_images=24, stage1_steps=3, stage2_steps=3, eval_questions=16, eval_images=16,
-                      eval_every=3),
-    "default": DemoPlan(train_images=None, stage1_steps=130, stage2_steps=300, eval_questions=2000,
-                        eval_images=500, eval_every=300),
-    "full": DemoPlan(train_images=None, stage1_steps=300, stage2_steps=3600, eval_questions=9673,
-                     eval_images=1000, eval_every=600),
+    "smoke": DemoPlan(train_images=24, stage1_steps=3, stage2_steps=3, stage2_batch_size=4, eval_questions=16,
+                      eval_images=16, eval_every=3),
+    # stage 2 at batch 8: the yes/no comparison is learned after about as many steps as at 16 (~150), each
+    # step costs about half as much (docs/BENCHMARKS.md, "seventh look")
+    "default": DemoPlan(train_images=None, stage1_steps=130, stage2_steps=240, stage2_batch_size=8,
+                        eval_questions=2000, eval_images=500, eval_every=240),
+    "full": DemoPlan(train_images=None, stage1_steps=300, stage2_steps=3600, stage2_batch_size=16,
+                     eval_questions=9673, eval_images=1000, eval_every=600),
 }
 
 
@@ -50,8 +53,9 @@ def demo_config(plan: DemoPlan, mode: str, seed: int = 0, overrides: list[str] =
     """The offline preset with the plan's steps, answering behind its own description of the image
     (`lm.describe_first`: easy-VQA's yes/no questions are learned in ~150 steps instead of ~400 or never,
     docs/BENCHMARKS.md); `overrides` (`--set`) come last and win."""
-    small = ["stage1.batch_size=8", "stage2.batch_size=4"] if mode == "smoke" else []
+    small = ["stage1.batch_size=8"] if mode == "smoke" else []
     return get_preset("offline").override(small + ["lm.describe_first=true",
+        f"stage2.batch_size={plan.stage2_batch_size}",
         f"stage1.max_steps={plan.stage1_steps}", "stage1.epochs=1000",
         f"stage2.max_steps={plan.stage2_steps}", "stage2.epochs=1000",
         "train.log_every=10", f"train.eval_every={plan.eval_every}",

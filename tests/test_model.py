@@ -9,7 +9,7 @@ from helpers import train_stage2_steps
 from qvlm.errors import QVLMError
 from qvlm.models.processing import IGNORE, build_stage2_batch
 from qvlm.models.qformer import build_attention_mask
-from qvlm.models.vlm import QVLM
+from qvlm.models.vlm import QVLM, TokenCountingStreamer
 
 T, F = True, False
 
@@ -215,8 +215,12 @@ def test_describe_first_answers_behind_the_models_own_description(tiny_config, t
     assert model.described(rows, asked) == described
     assert describing == [["Describe this image."]]  # one description for the two questions on image 0
     monkeypatch.undo()
-    answers = model.generate_text(rows, asked, max_new_tokens=6).texts
-    streamed = "".join(model.stream(tiny_images[0], asked[0], max_new_tokens=6)).strip()
+    done = model.generate_text(rows, asked, max_new_tokens=6)
+    answers = done.texts
+    streamer = TokenCountingStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamed = "".join(model.stream(tiny_images[0], asked[0], streamer=streamer, max_new_tokens=6)).strip()
+    # usage counts the prompt the LM read, description included, streamed or not
+    assert streamer.prompt_tokens == done.prompt_tokens[0] > len(model.processor(text=[asked[0]]).input_ids[0])
     model.config.lm.describe_first = False  # the same model, given the described questions as text
     assert model.described(rows, asked) == asked
     assert answers == model.generate_text(rows, described, max_new_tokens=6).texts

@@ -359,6 +359,8 @@ class QVLM(nn.Module):
         streamer = streamer or TokenCountingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         features = self.encode_images([image])  # [1, P, Dv]
         inputs = {**self.processor(text=self.described(features, [user_text])), "image_features": features}
+        if isinstance(streamer, TokenCountingStreamer):
+            streamer.prompt_tokens = int(inputs["attention_mask"].sum())
         stop = threading.Event()  # set when the caller stops reading (a client that left)
         criteria = StoppingCriteriaList([_StopWhenSet(stop), *generate_kwargs.pop("stopping_criteria", [])])
         errors: list[BaseException] = []
@@ -522,12 +524,14 @@ class Completions:
 
 class TokenCountingStreamer(TextIteratorStreamer):
     """A TextIteratorStreamer (batch of one) that counts the tokens generated (`tokens`) and notes
-    whether the last one was EOS (`stopped`)."""
+    whether the last one was EOS (`stopped`); `QVLM.stream` sets `prompt_tokens`, the prompt as the LM
+    read it (image slots and, with `lm.describe_first`, the description included)."""
 
     def __init__(self, tokenizer, **kwargs):
         super().__init__(tokenizer, **kwargs)
         self.tokens = 0
         self.stopped = False
+        self.prompt_tokens = 0
 
     def put(self, value: torch.Tensor) -> None:
         if not (self.skip_prompt and self.next_tokens_are_prompt) and value.numel():

@@ -187,8 +187,7 @@ class ModelWorker:
             job.on_piece(piece)
             if job.cancelled.is_set():
                 break  # closing model.stream's generator stops its generation at the next token
-        prompt_tokens = int(self.model.processor(text=[job.text])["attention_mask"].sum())
-        job.future.set_result(Result("".join(pieces).strip(), prompt_tokens, streamer.tokens,
+        job.future.set_result(Result("".join(pieces).strip(), streamer.prompt_tokens, streamer.tokens,
                                      "stop" if streamer.stopped else "length"))
 
 

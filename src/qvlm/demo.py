@@ -40,8 +40,8 @@ EVAL_SHARE = 0.25
 PLANS = {
     "smoke": DemoPlan(train_images=24, stage1_steps=3, stage2_steps=3, stage2_batch_size=4, eval_questions=16,
                       eval_images=16, eval_every=3),
-    # stage 2 at batch 8: the yes/no comparison is learned after about as many steps as at 16 (~150), each
-    # step costs about half as much (docs/BENCHMARKS.md, "seventh look")
+    # stage 2 at batch 8: the yes/no comparison is learned after about as many steps as at 16 (130-200),
+    # each step costs about half as much (docs/BENCHMARKS.md, "seventh look")
     "default": DemoPlan(train_images=None, stage1_steps=130, stage2_steps=240, stage2_batch_size=8,
                         eval_questions=2000, eval_images=500, eval_every=240),
     "full": DemoPlan(train_images=None, stage1_steps=300, stage2_steps=3600, stage2_batch_size=16,

@@ -94,8 +94,8 @@ class Stage2Objective(nn.Module):
     `description` (the image's description in front of the question).
 
     Each part is the mean over its own tokens, so a two-token answer weighs as much as a ten-token
-    description. Averaged together, the answers were a sixth of the loss and easy-VQA's yes/no
-    comparison was learned late or not at all on some seeds (docs/BENCHMARKS.md, issue 14)."""
+    description (one mean over both made the answers about a sixth of the loss); logged apart, the
+    parts show which one a stalled run is stuck on (docs/BENCHMARKS.md, issue 14, seventh look)."""
 
     def __init__(self, model: nn.Module, learn_description: bool = False):
         super().__init__()

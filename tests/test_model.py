@@ -140,6 +140,7 @@ def test_answer_positions_are_the_labels_after_each_rows_last_ignored_one():
                              [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(answer_positions(labels), expected)
 
+
 def test_stage1_itc_overfits_eight_pairs(tiny_config, tiny_images):
     torch.manual_seed(0)
     model = QVLM.build(tiny_config, stage=1)

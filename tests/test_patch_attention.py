@@ -35,3 +35,18 @@ def test_instruction_aware_maps_follow_the_text(tiny_config, tiny_images):
     assert (asked - captioning).abs().max() > 1e-7
     # Texts of different lengths batch together (padded) as they would run alone: the server batches them.
     torch.testing.assert_close(asked[1:], model.patch_attention(features[1:], ["how many?"]))
+
+
+def test_instruction_aware_maps_read_the_question_as_the_answer_does_behind_its_description(tiny_config,
+                                                                                          tiny_images):
+    torch.manual_seed(0)
+    tiny_config.qformer.instruction_aware = True
+    tiny_config.lm.describe_first = True
+    model = QVLM.build(tiny_config).eval()
+    features = model.encode_images(tiny_images[:1])
+    asked = ["is it red?"]
+    described = model.described(features, asked)  # ["<the model's own caption>. is it red?"]
+    maps = model.patch_attention(features, asked)
+    model.config.lm.describe_first = False
+    assert torch.equal(maps, model.patch_attention(features, described))
+    assert (maps - model.patch_attention(features, asked)).abs().max() > 1e-7  # not the bare question

@@ -158,10 +158,11 @@ class QVLM(nn.Module):
         Each map sums to 1: the share of CLS / register tokens is dropped and the rest renormalised, so
         maps show where on the image a query looks however much it also reads those tokens. An
         instruction-aware model's queries read `texts` (one per image; the caption prompt by default),
-        as they do when answering; other models ignore them."""
+        as they do when answering (with `lm.describe_first`, behind the image's description); other
+        models ignore them."""
         text = {}
         if self.config.qformer.instruction_aware:
-            texts = texts or [DEFAULT_CAPTION_PROMPT] * len(features)
+            texts = self.described(features, texts or [DEFAULT_CAPTION_PROMPT] * len(features))
             tokens = qformer_text_inputs(self.text_tokenizer, texts, self.config.qformer.max_text_len)
             text = {"input_ids": tokens["qformer_input_ids"].to(self.device),
                     "text_mask": tokens["qformer_attention_mask"].to(self.device)}

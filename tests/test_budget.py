@@ -90,3 +90,14 @@ def test_training_over_budget_trains_fewer_steps_and_resume_keeps_the_plan(tmp_p
     train(config, 1, str(data), tmp_path / "run", val=str(val), resume=True)
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 20
+
+
+def test_training_within_budget_keeps_the_plan_and_says_how_long_it_takes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
+    data, val = write_shapes_dataset(tmp_path / "shapes")
+    config = get_preset("tiny").override(["stage1.max_steps=12", "stage1.epochs=1000",
+                                          "stage1.time_budget_s=100000", "train.save_every=1000"])
+    train(config, 1, str(data), tmp_path / "run", val=str(val))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 12 and not (tmp_path / "run" / "plan.json").exists()
+    assert "the 12 planned steps take ~" in capsys.readouterr().out

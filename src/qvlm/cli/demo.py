@@ -17,7 +17,8 @@ def register(subparsers) -> None:
     size.add_argument("--full", action="store_true", help="the longer run of docs/BENCHMARKS.md (~1 hour)")
     p.add_argument("--minutes", type=float, default=None,
                    help="wall-time budget: each stage times its first steps and trains only the steps "
-                   "that fit (fewer steps, lower accuracy on slow CPUs; default: every planned step)")
+                   "that fit (fewer steps, lower accuracy on slow CPUs; default: 15, with --smoke or "
+                   "--full none; 0: every planned step)")
     p.add_argument("--seed", type=int, default=0, help="training seed (data order, initialisation)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field as `qvlm train` does, e.g. --set stage2.mixed_precision=fp32")
@@ -28,5 +29,5 @@ def run(args) -> int:
     from qvlm.demo import run_demo
 
     mode = "smoke" if args.smoke else "full" if args.full else "default"
-    run_demo(Path(args.out), mode, seed=args.seed, overrides=args.overrides, minutes=args.minutes or None)
+    run_demo(Path(args.out), mode, seed=args.seed, overrides=args.overrides, minutes=args.minutes)
     return 0

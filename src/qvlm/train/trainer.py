@@ -285,8 +285,7 @@ def _after_step(run: _Run, output: ObjectiveOutput, grad_norm: torch.Tensor | No
     run.bar.update(1)
     if run.budget is not None and (fitted := run.budget.after_step(position.step)) is not None:
         fitted = broadcast_object_list([fitted])[0]  # every process trains the main one's plan
-        if fitted < run.total_steps:
-            _fit_to_budget(run, fitted)
+        _fit_to_budget(run, fitted)
     if position.step % train.log_every == 0 or position.step == run.total_steps:
         _log_step(run, output, grad_norm)
     if run.stage.val_set is not None and position.step % train.eval_every == 0:
@@ -296,10 +295,16 @@ def _after_step(run: _Run, output: ObjectiveOutput, grad_norm: torch.Tensor | No
 
 
 def _fit_to_budget(run: _Run, fitted: int) -> None:
-    """Train `fitted` steps instead of the plan's, over a redrawn schedule; say so and remember it."""
-    s, n = run.stage.settings, run.stage.number
-    run.accelerator.print(f"\nstage {n}: {run.budget.seconds_per_step:.2f} s/step here; {run.budget.total_steps} "
-                          f"steps would overrun stage{n}.time_budget_s={s.time_budget_s:g}: training {fitted} steps")
+    """Say what the measured pace means for the plan; when it would overrun, train `fitted` steps instead
+    of the plan's, over a redrawn schedule, and remember that for --resume."""
+    s, n, pace = run.stage.settings, run.stage.number, run.budget.seconds_per_step
+    budget = f"stage{n}.time_budget_s={s.time_budget_s:.4g}"
+    if fitted >= run.total_steps:
+        run.accelerator.print(f"\nstage {n}: {pace:.2f} s/step here: the {run.total_steps} planned steps take "
+                              f"~{run.total_steps * pace / 60:.1f} min, within {budget}")
+        return
+    run.accelerator.print(f"\nstage {n}: {pace:.2f} s/step here; {run.budget.total_steps} steps would overrun "
+                          f"{budget}: training {fitted} steps (~{fitted * pace / 60:.1f} min)")
     redraw_schedule(run.scheduler, s.warmup_steps, fitted)
     if run.accelerator.is_main_process:
         save_plan(run.out, fitted, run.budget.seconds_per_step, s.time_budget_s)

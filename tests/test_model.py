@@ -53,6 +53,22 @@ def test_unimodal_joint_pass_equals_separate_passes(tiny_config):
     torch.testing.assert_close(joint[1, nq:nq + 3], text[1, :3])
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_text_embedding_pools_the_real_tokens_as_configured(tiny_config, pooling):
+    tiny_config.qformer.text_pooling = pooling
+    qformer = QVLM.build(tiny_config, stage=1).qformer.eval()
+    ids = torch.randint(1, 256, (1, 4))
+    padded_ids = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    padded_mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
+    embedding = qformer.text_embeds(ids, torch.ones_like(ids))
+    # padding changes nothing, whichever the pooling
+    torch.testing.assert_close(qformer.text_embeds(padded_ids, padded_mask), embedding)
+    hidden = qformer(None, ids, torch.ones_like(ids), use_queries=False)[0]  # [T, D]
+    pooled = hidden.mean(dim=0) if pooling == "mean" else hidden[0]
+    expected = torch.nn.functional.normalize(qformer.text_proj(pooled), dim=-1)
+    torch.testing.assert_close(embedding[0], expected)
+
+
 def test_attention_probabilities_are_what_the_cross_attention_applies():
     from qvlm.models.qformer import Attention
 

@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 # Fields (by name, in any section) that take one of a few words: named in the error for a wrong value.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # not "no": YAML reads a bare no as false
 CHOICES = {"mixed_precision": PRECISIONS, "precision": PRECISIONS, "itc_pooling": ("mean_cls", "max"),
+           "text_pooling": ("cls", "mean"),
            "dtype": ("float32", "bfloat16", "float16"), "image_position": ("before", "after", "after_turn"),
            "optimizer": ("adam", "adamw"), "decay_scope": ("matrices", "all"),
            "schedule": ("constant", "warmup_cosine", "hf_cosine"), "features": ("auto", "cache", "online")}
@@ -48,6 +49,9 @@ class QFormerConfig:
     separate_query_ffn: bool = False  # BLIP-2 gives queries their own feed-forward (copied from text's)
     embed_dim: int = 256  # ITC projection width
     itc_pooling: str = "mean_cls"  # "mean_cls" (article: mean of queries vs [CLS]) or "max" (BLIP-2)
+    # The caption's ITC vector: its [CLS] token (BLIP-2) or the mean of its tokens, which is what a
+    # sentence-transformers encoder (all-MiniLM-L6-v2) was trained to make meaningful.
+    text_pooling: str = "cls"
     temperature: float = 0.07
     learn_temperature: bool = False
     max_text_len: int = 32

@@ -316,9 +316,15 @@ class QFormer(nn.Module):
         return F.normalize(self.vision_proj(self.image_queries(vision)), dim=-1)
 
     def text_embeds(self, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """[B, T] -> L2-normalised ITC embedding of the [CLS] token [B, E] (text alone, no queries)."""
-        h = self(None, input_ids, text_mask, use_queries=False)
-        return F.normalize(self.text_proj(h[:, 0]), dim=-1)
+        """[B, T] -> L2-normalised ITC embedding [B, E] of the text alone (no queries): its [CLS] token or,
+        with `text_pooling="mean"`, the mean over its tokens (padding excluded)."""
+        h = self(None, input_ids, text_mask, use_queries=False)  # [B, T, D]
+        if self.cfg.text_pooling == "mean":
+            weights = text_mask.unsqueeze(-1).to(h.dtype)  # [B, T, 1]
+            pooled = (h * weights).sum(1) / weights.sum(1).clamp(min=1)
+        else:
+            pooled = h[:, 0]
+        return F.normalize(self.text_proj(pooled), dim=-1)
 
     def similarity(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """[Ni, Nq, E] x [Nt, E] -> cosine similarity [Ni, Nt] (max or mean over queries, per config)."""

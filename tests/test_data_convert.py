@@ -151,13 +151,22 @@ OPENCLIPART = Path("/usr/share/openclipart")
 @pytest.mark.skipif(not (OPENCLIPART / "svg").is_dir(), reason="apt-get install openclipart-png openclipart-svg")
 def test_openclipart_command(tmp_path):
     out = tmp_path / "oc"
-    assert main(["data", "openclipart", "--out", str(out), "--limit", "120", "--max-side", "64"]) == 0
-    records = [r for s in ("train", "val", "test") for r in load_records(out / f"{s}.jsonl")]
+    assert main(["data", "openclipart", "--out", str(out), "--limit", "120", "--max-side", "64",
+                 "--val-fraction", "0.1", "--test-fraction", "0.2"]) == 0
+    splits = {s: load_records(out / f"{s}.jsonl") for s in ("train", "val", "test")}
+    kept = sum(map(len, splits.values()))
+    assert len(splits["train"]) == int(0.7 * kept) and len(splits["val"]) == int(0.1 * kept)
+    records = [r for part in splits.values() for r in part]
     captions = [r.captions[0] for r in records]
     assert records and len(set(captions)) == len(captions)
     assert not any("collection" in c or "_" in c for c in captions)
     img = records[0].open_image()
     assert img.mode == "RGB" and max(img.size) <= 64
+
+
+def test_openclipart_refuses_held_out_shares_that_leave_nothing_to_train(tmp_path, capsys):
+    assert main(["data", "openclipart", "--out", str(tmp_path), "--val-fraction", "0.5", "--test-fraction", "0.5"]) == 1
+    assert "fractions" in capsys.readouterr().err
 
 
 def test_openclipart_missing_says_how_to_install(tmp_path, capsys):

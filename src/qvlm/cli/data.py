@@ -49,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-side", type=int, default=256, help="longest image side in pixels")
     p.add_argument("--limit", type=int, help="use a random subset of this many files (quick trials)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of the kept images for val")
+    p.add_argument("--test-fraction", type=float, default=0.05, help="share of the kept images for test")
     _out(p)
     parser.set_defaults(func=run)
 
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         counts = bundled.build_easyvqa(args.out, seed=args.seed, val_fraction=args.val_fraction)
     else:
         counts = bundled.build_openclipart(args.out, root=args.root, seed=args.seed, max_side=args.max_side,
-                                           limit=args.limit)
+                                           limit=args.limit, val_fraction=args.val_fraction,
+                                           test_fraction=args.test_fraction)
     _report(command, args.out, counts, args.json)
     return 0
 

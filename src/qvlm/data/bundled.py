@@ -218,13 +218,16 @@ def clean_clipart_description(desc: str) -> str | None:
 
 
 def build_openclipart(out: str | Path, root: str | Path = OPENCLIPART_ROOT, seed: int = 0,
-                      fractions: tuple[float, float] = (0.9, 0.05), max_side: int = 256,
+                      val_fraction: float = 0.05, test_fraction: float = 0.05, max_side: int = 256,
                       limit: int | None = None) -> dict[str, int]:
     """Write OUT/images/*.png (RGBA composited on white, at most `max_side` px) and
-    train/val/test.jsonl (seeded split by `fractions` = (train, val), the rest test).
+    train/val/test.jsonl (a seeded split: these shares of the kept images held out, the rest train).
 
     Returns counts: found, kept, generic/dup/bad-image drops and per-split sizes.
     """
+    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+        raise DataError(f"val and test fractions must be >= 0 and leave images to train on; got {val_fraction} "
+                        f"and {test_fraction}")
     root = Path(root)
     if not (root / "png").is_dir() or not (root / "svg").is_dir():
         raise DataError(f"openclipart not found under {root}; install it with: {OPENCLIPART_INSTALL}")
@@ -257,7 +260,7 @@ def build_openclipart(out: str | Path, root: str | Path = OPENCLIPART_ROOT, seed
             seen.add(caption)
             rows.append({"image": f"images/{name}", "caption": caption, "source": str(svg.relative_to(root))})
     random.Random(seed).shuffle(rows)
-    n_train, n_val = int(fractions[0] * len(rows)), int(fractions[1] * len(rows))
+    n_train, n_val = int((1 - val_fraction - test_fraction) * len(rows)), int(val_fraction * len(rows))
     parts = {"train": rows[:n_train], "val": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
     for split, part in parts.items():
         _write_jsonl(out / f"{split}.jsonl", part)

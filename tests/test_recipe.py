@@ -3,6 +3,7 @@ stage-2 validation metrics and the best checkpoint."""
 
 import importlib.util
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -200,6 +201,22 @@ def test_stage2_reports_how_many_answers_were_cut(stage2_run, shapes):
     (report,) = [m for m in read_metrics(stage2_run) if "truncated_answers" in m]
     assert report["answers"] == len(answers) and 0 < expected < len(answers)
     assert report["truncated_answers"] == expected
+
+
+class _Words:
+    """A tokenizer of one token per word."""
+
+    def __call__(self, texts, add_special_tokens=True):
+        return SimpleNamespace(input_ids=[text.split() for text in texts])
+
+
+def test_stage2_says_before_training_what_the_answer_cap_cuts_and_which_cap_keeps_99_percent():
+    answers = ["a"] * 90 + ["a b c d e f"] * 10  # 1 token at the median, 6 at the 99th percentile
+    assert stages.answer_lengths(answers, _Words(), 4) == (
+        "answers: 1 tokens at the median, 6 at the 99th percentile, 6 the longest; stage2.max_answer_tokens=4 "
+        "cuts 10 of 100 (10.0%), trained without their EOS; --set stage2.max_answer_tokens=6 keeps 99% whole")
+    assert stages.answer_lengths(answers, _Words(), 8).endswith("max_answer_tokens=8: none cut")
+    assert stages.answer_lengths(answers, _Words(), None).endswith("max_answer_tokens=None: none cut")
 
 
 def test_keep_best_saves_the_lowest_val_loss_model_next_to_the_last(stage2_run, shapes, capsys):

@@ -9,6 +9,7 @@ metrics validation adds, and what is reported after training.
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -84,8 +85,10 @@ def stage2(config: QVLMConfig, data: str, val: str | None, init: str | None, acc
         precision.store_frozen_in(model.lm, torch.bfloat16)
     make = partial(InstructionDataset, seed=config.train.seed, describe_first=config.lm.describe_first)
     train_set, val_set = _datasets(config, 2, data, val, model, accelerator, make)
-    if config.lm.describe_first and isinstance(train_set, InstructionDataset):
-        accelerator.print(_described(train_set))
+    if isinstance(train_set, InstructionDataset):
+        accelerator.print(answer_lengths([e.answer for e in train_set.entries], model.tokenizer, s.max_answer_tokens))
+        if config.lm.describe_first:
+            accelerator.print(_described(train_set))
     learn_description = config.lm.describe_first and config.lm.learn_description
     collate = Stage2Collator(model.tokenizer, config.qformer.num_queries, config.lm.image_position,
                              config.lm.system_prompt, s.max_answer_tokens,
@@ -105,6 +108,20 @@ def stage2(config: QVLMConfig, data: str, val: str | None, init: str | None, acc
                  on_epoch=train_set.set_epoch if isinstance(train_set, InstructionDataset) else _nothing,
                  count=stats.count, log_fields=stats.log_fields, extra_validation=scores if val_set is not None else _nothing,
                  after_training=stats.report)
+
+
+def answer_lengths(answers: list[str], tokenizer, cap: int | None) -> str:
+    """What `stage2.max_answer_tokens` does to this data, said before training: the answers' token
+    counts (median, 99th percentile, longest), how many the cap cuts, and the cap that keeps 99% whole."""
+    counts = sorted(len(ids) for ids in tokenizer(answers, add_special_tokens=False).input_ids)
+    p99 = counts[math.ceil(0.99 * len(counts)) - 1]
+    note = (f"answers: {counts[len(counts) // 2]} tokens at the median, {p99} at the 99th percentile, "
+            f"{counts[-1]} the longest; stage2.max_answer_tokens={cap}")
+    cut = sum(n > cap for n in counts) if cap is not None else 0
+    if not cut:
+        return note + ": none cut"
+    note += f" cuts {cut:,} of {len(counts):,} ({cut / len(counts):.1%}), trained without their EOS"
+    return note + (f"; --set stage2.max_answer_tokens={p99} keeps 99% whole" if p99 > cap else "")
 
 
 def _described(train_set: InstructionDataset) -> str:

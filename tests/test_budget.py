@@ -76,8 +76,7 @@ def test_redrawn_schedule_of_every_kind_ends_where_a_schedule_of_the_new_total_d
         assert before[-1] > after[0] > after[-1]  # decaying faster than the 100-step plan did
 
 
-def test_training_over_budget_trains_fewer_steps_and_resume_keeps_the_plan(tmp_path, monkeypatch):
-    monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
+def test_training_over_budget_trains_fewer_steps_and_resume_keeps_the_plan(tmp_path, private_cache):
     data, val = write_shapes_dataset(tmp_path / "shapes")
     # A budget no machine meets: the plan falls to the floor of 20 steps once steps 2..10 are timed.
     config = get_preset("tiny").override(["stage1.max_steps=200", "stage1.epochs=1000",
@@ -92,8 +91,7 @@ def test_training_over_budget_trains_fewer_steps_and_resume_keeps_the_plan(tmp_p
     assert max(steps) == 20
 
 
-def test_training_within_budget_keeps_the_plan_and_says_how_long_it_takes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
+def test_training_within_budget_keeps_the_plan_and_says_how_long_it_takes(tmp_path, private_cache, capsys):
     data, val = write_shapes_dataset(tmp_path / "shapes")
     config = get_preset("tiny").override(["stage1.max_steps=12", "stage1.epochs=1000",
                                           "stage1.time_budget_s=100000", "train.save_every=1000"])

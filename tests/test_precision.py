@@ -14,10 +14,9 @@ from qvlm.models.vlm import QVLM
 
 
 @pytest.fixture
-def fake_probe(tmp_path, monkeypatch):
+def fake_probe(tmp_path, monkeypatch, private_cache):
     """A fresh cache home and probe memory; returns `set(fp32_s, bf16_s)` to fake the probe's timings,
     and `calls`, how many times the workloads were timed."""
-    monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(precision, "_probes", {})
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(precision, "cpu_model_name", lambda: "Test CPU 9000")

@@ -34,8 +34,7 @@ def write_yes_no(root, name: str, n_images: int, first: int):
 
 
 @pytest.mark.parametrize("instruction_aware", [True, False])
-def test_yes_no_answers_come_from_the_image_not_the_question(instruction_aware, tmp_path, monkeypatch):
-    monkeypatch.setenv("QVLM_CACHE", str(tmp_path / "cache"))
+def test_yes_no_answers_come_from_the_image_not_the_question(instruction_aware, tmp_path, private_cache):
     train_manifest = write_yes_no(tmp_path, "train", 48, first=0)
     test_manifest = write_yes_no(tmp_path, "test", 16, first=1000)  # unseen images
     config = get_preset("tiny").override([

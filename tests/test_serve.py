@@ -176,6 +176,38 @@ def test_attention_maps_are_the_models_patch_attention(server, run_dir):
     np.testing.assert_allclose(body["mean"], maps.mean(0), atol=1e-5)
 
 
+def test_attention_words_are_the_models_word_query_attention(server, run_dir):
+    from qvlm.models.processing import DEFAULT_CAPTION_PROMPT
+    from qvlm.models.vlm import QVLM
+
+    image = sample_image(color=(200, 40, 40))
+    r = _attention(server, {"image": data_url(image), "words": True})
+    assert r.status_code == 200, r.text
+    words = r.json()["words"]
+    model = QVLM.from_pretrained(run_dir)
+    expected = model.word_query_attention(model.encode_images([image]), [DEFAULT_CAPTION_PROMPT],
+                                          max_new_tokens=SETTINGS.default_max_tokens)[0]
+    assert words["tokens"] == expected["tokens"] and words["tokens"]
+    queries = np.array(words["queries"])  # [T, Nq]
+    assert queries.shape == (len(words["tokens"]), model.qformer.num_queries)
+    np.testing.assert_allclose(queries.sum(-1), np.ones(len(queries)), atol=1e-4)
+    np.testing.assert_allclose(queries, expected["queries"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(words["image_share"], expected["image_share"].numpy(), atol=1e-5)
+    assert "words" not in _attention(server, {"image": data_url(image)}).json()  # only when asked
+
+
+def test_attention_words_need_a_stage2_model():
+    from qvlm.config import get_preset
+    from qvlm.models.vlm import QVLM
+
+    with running_server(create_app(QVLM.build(get_preset("tiny"), stage=1).eval(), "s1", ServeSettings())) as url:
+        r = _attention(url, {"image": data_url(sample_image()), "words": True}, key=None)
+        assert r.status_code == 400
+        error = r.json()["error"]
+        assert (error["code"], error["param"]) == ("model_not_generative", "words") and "stage-2" in error["message"]
+        assert _attention(url, {"image": data_url(sample_image())}, key=None).status_code == 200
+
+
 def test_attention_reads_the_text_of_an_instruction_aware_stage1_model():
     # Stage 1 has no LM, but the Q-Former is all the maps need; its instruction-aware queries read `text`.
     import torch
@@ -206,6 +238,7 @@ BAD_ATTENTION_REQUESTS = {  # body -> status, code, param
     "image_not_a_string": ({"image": {"url": URL}}, 400, "image_required", "image"),
     "text_not_a_string": ({"image": URL, "text": ["where?"]}, 400, None, "text"),
     "text_too_long": ({"image": URL, "text": "why " * 100}, 400, "prompt_too_long", "text"),
+    "words_not_a_bool": ({"image": URL, "words": "yes"}, 400, None, "words"),
     "body_too_large": ({"image": URL, "text": "x" * 400_000}, 413, "request_too_large", None),
     "bad_base64": ({"image": "data:image/png;base64,@@@@"}, 400, "invalid_image", "image"),
     "not_an_image": ({"image": _b64(b"hello, not an image", "text/plain")}, 400, "invalid_image", "image"),
@@ -239,6 +272,7 @@ def test_page_has_the_attention_view(server):
     assert 'id="attention-maps"' in page and "Where the queries look" in page
     script = httpx.get(f"{server}/static/app.js").text
     assert 'fetch("/v1/attention"' in script and "showAttention();" in script
+    assert 'id="word-table"' in page and "words: modelStage === 2" in script
 
 
 def test_cross_site_text_plain_post_is_refused(server):
@@ -387,7 +421,9 @@ def test_worker_answers_attention_jobs_in_batches_of_their_own():
         worker.stop()
     assert FakeModel.calls == [("generate", 2), ("attention", 2)]
     assert [results[0].text, results[2].text] == ["ok a", "ok c"]
-    assert torch.equal(results[1], torch.full((2, 3, 3), 2.0)) and torch.equal(results[3], torch.full((2, 3, 3), 4.0))
+    assert torch.equal(results[1].maps, torch.full((2, 3, 3), 2.0))
+    assert torch.equal(results[3].maps, torch.full((2, 3, 3), 4.0))
+    assert results[1].words is None
 
 
 def test_remote_images_when_allowed(run_dir, tmp_path):

@@ -58,6 +58,11 @@ def test_upload_shows_caption_then_answers(server, page, tmp_path: Path):
     page.wait_for_selector("#attention:not([hidden])", timeout=30_000)  # the mean, then the tiny run's 4 queries
     assert page.locator("#attention-maps figcaption").all_inner_texts() == ["mean"] + [f"query {q}" for q in range(4)]
     assert page.locator("#attention-maps canvas").count() == 5
+    # a stage-2 model: a row per word of its caption, a cell per query, then its share on the image
+    assert page.is_visible("#word-table")
+    assert page.locator("#word-table tr").first.locator("th").all_inner_texts() == (
+        ["word"] + [f"q{q}" for q in range(4)] + ["on image"])
+    assert page.locator("#word-table tr").count() >= 2 and page.locator("#word-table td").count() % 5 == 0
 
     page.fill("#question", "What color is it?")
     page.click("#send")
@@ -66,7 +71,7 @@ def test_upload_shows_caption_then_answers(server, page, tmp_path: Path):
     assert page.inner_text("#log .a").strip()
     page.screenshot(path=str(tmp_path / "page.png"))
     if os.environ.get("QVLM_SCREENSHOT"):  # to look at the page during development
-        page.screenshot(path=os.environ["QVLM_SCREENSHOT"])
+        page.screenshot(path=os.environ["QVLM_SCREENSHOT"], full_page=True)
     assert not errors and not external
 
 

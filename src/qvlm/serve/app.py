@@ -124,15 +124,20 @@ def create_app(model, model_id: str, settings: ServeSettings | None = None) -> F
 
     @app.post("/v1/attention")
     async def attention(request: Request):
-        """Where each query looks on the image: works for stage-1 models too (it needs only the Q-Former)."""
+        """Where each query looks on the image: works for stage-1 models too (it needs only the Q-Former);
+        which queries each word of the answer drew on (`words`): stage-2 models."""
         require_key(request)
         _require_json(request)
         wanted = parse_attention_request(await _read_json(request, settings.max_body_bytes), settings)
+        if wanted.words and model.stage != 2:
+            raise APIError(400, "`words` needs a stage-2 model: this stage-1 model has no language model to "
+                           "answer with", code="model_not_generative", param="words")
         image = await fetch_image(wanted.image_url, settings, decode_slots, model.vision.image_size, param="image")
-        maps = await worker.run(AttentionJob(image, wanted.text), gone=request.is_disconnected)
-        if maps is None:  # the client left; its job was dropped
+        job = AttentionJob(image, wanted.text, wanted.words, settings.default_max_tokens)
+        attention = await worker.run(job, gone=request.is_disconnected)
+        if attention is None:  # the client left; its job was dropped
             return Response(status_code=499)
-        return attention_body(maps)
+        return attention_body(attention)
 
     return app
 

@@ -57,15 +57,24 @@ class Job:
 
 @dataclass
 class AttentionJob:
-    """Where the Q-Former's queries look on `image` (after reading `text`, when instruction-aware)."""
+    """Where the Q-Former's queries look on `image` (after reading `text`, when instruction-aware); with
+    `words`, also which queries each word of the model's answer to `text` drew on."""
 
     image: Image.Image
     text: str
-    future: Future = field(default_factory=Future)  # resolved with the maps [Nq, G, G] (or the exception)
+    words: bool = False
+    max_new_tokens: int = 32  # of the answer, with `words`
+    future: Future = field(default_factory=Future)  # resolved with an `Attention` (or the exception)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def batch_key(self) -> tuple:
-        return ("attention",)
+        return ("attention", self.words, self.max_new_tokens)
+
+
+@dataclass
+class Attention:
+    maps: torch.Tensor  # [Nq, G, G], each map summing to 1 (`QVLM.patch_attention`)
+    words: dict | None = None  # `QVLM.word_query_attention`'s: tokens, queries [T, Nq], image_share [T]
 
 
 _STOP = object()
@@ -101,7 +110,7 @@ class ModelWorker:
         return job.future
 
     async def run(self, job: Job | AttentionJob,
-                  gone: Callable[[], Awaitable[bool]] | None = None) -> Result | torch.Tensor | None:
+                  gone: Callable[[], Awaitable[bool]] | None = None) -> Result | Attention | None:
         """Queue `job` and wait for its result; None when `gone()` says the client left meanwhile (the job
         is then cancelled, so a queue of abandoned requests costs no model time)."""
         future = asyncio.wrap_future(self.submit(job))
@@ -175,9 +184,13 @@ class ModelWorker:
         if not live:
             return
         features = self.model.encode_images([j.image for j in live])  # [B, P, Dv]
-        maps = self.model.patch_attention(features, [j.text for j in live]).cpu()  # [B, Nq, G, G]
-        for job, job_maps in zip(live, maps, strict=True):
-            job.future.set_result(job_maps)
+        texts = [j.text for j in live]
+        maps = self.model.patch_attention(features, texts).cpu()  # [B, Nq, G, G]
+        first = live[0]
+        words = (self.model.word_query_attention(features, texts, max_new_tokens=first.max_new_tokens) if first.words
+                 else [None] * len(live))
+        for job, job_maps, job_words in zip(live, maps, words, strict=True):
+            job.future.set_result(Attention(job_maps, job_words))
 
     def _stream(self, job: Job) -> None:
         pieces = []

@@ -1,12 +1,14 @@
 // qvlm page: pick or drop an image, get its caption, ask questions; answers stream from the same
 // OpenAI-compatible endpoint other clients use (POST /v1/chat/completions with stream: true).
-// Below the image, heat maps of where each Q-Former query looks (POST /v1/attention).
+// Below the image, heat maps of where each Q-Former query looks and, for a stage-2 model, which queries
+// each word of its caption drew on (POST /v1/attention with words: true).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const MAX_SIDE = 1024; // larger photos are shrunk here: the model sees a small image anyway
 let imageUrl = null;   // the current image as a data: URL
 let modelId = null;
+let modelStage = null;
 let busy = false;
 let maxImageBytes = 10 * 1024 * 1024;
 const MAP_SIDE = 96; // pixels per attention map drawn
@@ -38,6 +40,7 @@ async function loadHealth() {
     const res = await fetch("/health");
     const info = await res.json();
     modelId = info.model;
+    modelStage = info.stage;
     maxImageBytes = info.max_image_bytes || maxImageBytes;
     $("model").textContent = `model: ${info.model}` + (info.stage === 2 ? "" : " (stage 1: cannot answer)");
     $("key-row").hidden = !info.auth_required;
@@ -199,12 +202,33 @@ function drawMap(img, values, grid, label) {
   return figure;
 }
 
+// One table row per generated word: a cell per query, shaded by the share of the word's image attention
+// on it (each row sums to 1), then the share of all its attention that went to the image.
+function wordRows(words, numQueries) {
+  const cell = (tag, text) => Object.assign(document.createElement(tag), { textContent: text });
+  const head = document.createElement("tr");
+  head.append(cell("th", "word"), ...Array.from({ length: numQueries }, (_, q) => cell("th", `q${q}`)),
+              cell("th", "on image"));
+  const rows = words.tokens.map((token, t) => {
+    const row = document.createElement("tr");
+    const shares = words.queries[t].map((v) => {
+      const td = cell("td", "");
+      td.style.background = `rgb(${heatColour(v).join(",")})`;
+      td.title = `${(100 * v).toFixed(1)}%`;
+      return td;
+    });
+    row.append(cell("th", token), ...shares, cell("td", `${(100 * words.image_share[t]).toFixed(0)}%`));
+    return row;
+  });
+  return [head, ...rows];
+}
+
 async function showAttention() {
   const url = imageUrl;
   $("attention").hidden = true;
   try {
     const res = await fetch("/v1/attention", {
-      method: "POST", headers: jsonHeaders(), body: JSON.stringify({ image: url }),
+      method: "POST", headers: jsonHeaders(), body: JSON.stringify({ image: url, words: modelStage === 2 }),
     });
     if (!res.ok) throw new Error(await errorMessage(res));
     const body = await res.json();
@@ -212,6 +236,8 @@ async function showAttention() {
     if (url !== imageUrl) return; // another image was picked meanwhile
     const maps = body.maps.map((values, q) => drawMap(img, values, body.grid, `query ${q}`));
     $("attention-maps").replaceChildren(drawMap(img, body.mean, body.grid, "mean"), ...maps);
+    $("word-attention").hidden = !body.words;
+    if (body.words) $("word-table").replaceChildren(...wordRows(body.words, body.num_queries));
     $("attention").hidden = false;
   } catch (e) {
     if (url === imageUrl) showError(`Attention maps: ${e.message}`);

@@ -34,7 +34,7 @@ class DemoPlan:
 # are kept this share, and stage 2 gets what remains once stage 1 is done. The default plan's parts took
 # 36% (set-up, feature cache, stage 1), 43% (stage 2) and 21% (2,000 questions) of its 8 minutes on the
 # 2-core Xeon in fp32; with 1,000 questions the evaluation needs less than 15% of 15 minutes even on a CPU
-# twice as slow (docs/BENCHMARKS.md, "the default demo's time budget").
+# twice as slow (docs/BENCHMARKS.md, "the default demo keeps to 15 minutes").
 STAGE1_SHARE = 0.35
 EVAL_SHARE = 0.15
 

@@ -25,6 +25,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from qvlm import hub
 from qvlm.config import ConfigError, QFormerConfig
+from qvlm.models.dropout import Dropout
 from qvlm.models.tiny import random_model, tiny_text_tokenizer
 
 MODES = ("unimodal", "bidirectional", "causal")
@@ -119,7 +120,7 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(hidden, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.act = nn.GELU() if "gelu" in act else nn.ReLU()
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x + self.drop(self.down(self.act(self.up(x)))))  # post-LN, as in BERT
@@ -136,7 +137,7 @@ class QFormerLayer(nn.Module):
         self.ffn = FeedForward(spec.hidden, spec.intermediate, spec.act, spec.eps, dropout)
         self.query_ffn = (FeedForward(spec.hidden, spec.intermediate, spec.act, spec.eps, dropout)
                           if separate_query_ffn else None)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None, num_queries: int,
                 vision: torch.Tensor | None) -> torch.Tensor:
@@ -160,7 +161,7 @@ class QFormer(nn.Module):
         self.position_embeddings = nn.Embedding(spec.max_positions, d)
         self.token_type_embedding = nn.Parameter(torch.zeros(d)) if spec.type_vocab else None
         self.embed_norm = nn.LayerNorm(d, eps=spec.eps)
-        self.embed_drop = nn.Dropout(cfg.dropout)
+        self.embed_drop = Dropout(cfg.dropout)
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_queries, d) * 0.02)
         self.layers = nn.ModuleList(
             QFormerLayer(spec, vision_width, has_cross=(i % cfg.cross_every == 0),

@@ -120,6 +120,28 @@ def test_frozen_lm_weights_go_bf16_trainable_stay_fp32(tiny_config, tiny_images)
     assert len(answers) == 2
 
 
+def test_lora_layers_leave_their_input_to_autocast_in_bf16_steps(tiny_config, tiny_images):
+    """peft would cast the bf16 input up to its fp32 LoRA weights, and autocast straight back down."""
+    from peft.tuners.lora import LoraLayer
+
+    from qvlm.models.processing import build_stage2_batch
+
+    model = QVLM.build(tiny_config)
+    precision.store_frozen_in(model.lm, torch.bfloat16)
+    lora_a = next(m for m in model.lm.modules() if isinstance(m, LoraLayer)).lora_A["default"]
+    seen = []
+    lora_a.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    batch = build_stage2_batch(model.tokenizer, ["what?", "where?"], ["a cat", "here"], model.qformer.num_queries)
+    features = model.encode_images(tiny_images[:2])
+    losses = []
+    for autocast in (False, True):
+        with precision.lora_input_casts_off(model, autocast=autocast), torch.autocast("cpu", torch.bfloat16):
+            losses.append(model(features, **batch).loss)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert torch.allclose(losses[0], losses[1], rtol=0.02)
+    assert all(m.cast_input_dtype_enabled for m in model.lm.modules() if isinstance(m, LoraLayer))  # restored
+
+
 def test_math_attention_only_for_bf16_stage2_on_cpu():
     with precision.attention_kernels(torch.device("cpu"), "bf16", stage=2):
         # the switches are process-wide; torch names them under `cuda` but they govern every device

@@ -6,11 +6,14 @@ where the CPU has no bf16 instructions and oneDNN emulates them. So `auto` runs 
 machine (matmuls at the LM's shapes and one LM-sized block forward + backward, fp32 vs bf16, well under
 a second), caches the timings under the qvlm cache home keyed by the CPU's model name and the torch
 version, and picks bf16 only where it is clearly faster (`MARGIN`). Trainable weights keep fp32 master
-copies either way. Two things would eat the gain (docs/BENCHMARKS.md, "fast paths"):
+copies either way. Three things would eat the gain (docs/BENCHMARKS.md, "fast paths"):
 - autocast re-casts frozen fp32 weights at every call; frozen weights need no fp32 master copy, so the
   frozen LM is stored in bf16 instead (the trainable LoRA, adapter and Q-Former stay fp32);
 - PyTorch's fused CPU attention kernel is ~10x slower backwards in bf16 than in fp32 at the LM's short
-  sequence lengths, while the plain matmul + softmax ("math") kernel runs on the bf16 matrix units.
+  sequence lengths, while the plain matmul + softmax ("math") kernel runs on the bf16 matrix units;
+- peft casts each LoRA layer's input to its fp32 weights' dtype and autocast casts it straight back to
+  bf16 for the matmul: two copies of every q/k/v/o input, a tenth of a bf16 stage-2 step, so training
+  steps under autocast turn peft's cast off (`lora_input_casts_off`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from filelock import FileLock
+from peft.helpers import disable_input_dtype_casting
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qvlm.config import PRECISIONS, ConfigError
@@ -195,6 +199,12 @@ def store_frozen_in(module: torch.nn.Module, dtype: torch.dtype) -> None:
     for param in module.parameters():
         if not param.requires_grad and param.is_floating_point():
             param.data = param.data.to(dtype)
+
+
+def lora_input_casts_off(model: torch.nn.Module, autocast: bool):
+    """A context in which peft's LoRA layers of `model` leave their input's dtype to autocast, when
+    the step runs under autocast (every precision but fp32); otherwise nothing."""
+    return disable_input_dtype_casting(model, active=autocast)
 
 
 def attention_kernels(device: torch.device, precision: str, stage: int):

@@ -231,7 +231,8 @@ def _micro_step(run: _Run, batch: dict) -> bool:
     """Forward and backward one micro-batch; after a step's last one, step the optimizer (True then)."""
     stage, accelerator, position = run.stage, run.accelerator, run.position
     _encode_online(batch, stage.model, accelerator.device)
-    with precision.attention_kernels(accelerator.device, run.mixed_precision, stage.number):
+    with precision.attention_kernels(accelerator.device, run.mixed_precision, stage.number), \
+            precision.lora_input_casts_off(stage.model, autocast=run.mixed_precision != "fp32"):
         output = run.wrapped(**_inputs(batch, stage.inputs, accelerator.device))
     step_size, ends_step = _accumulation(position.batch_in_epoch, run.batches_per_epoch, stage.settings.grad_accum)
     loss = output.loss / step_size

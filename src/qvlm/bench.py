@@ -7,11 +7,13 @@ A `Recipe` says how a training step runs. `fast` is how qvlm trains: patch featu
 cache (the encoder ran once, before training; its cost is the separate `extract` figure), large batches,
 each stage in its `stageN.mixed_precision` as `qvlm train` resolves it (`auto`: bf16 on GPUs, and on CPUs
 where the probe of qvlm/precision.py measured it faster), with the frozen LM stored in bf16 and, in stage 2
-on CPU, the plain-matmul attention kernel, the vocabulary projection only where targets are, fused AdamW.
+on CPU, the plain-matmul attention kernel, peft's LoRA input casts left to autocast, the vocabulary
+projection only where targets are and the softmax only on labelled rows (`Stage2Objective`, what `qvlm
+train` steps on), dropout masks from qvlm.models.dropout, fused AdamW.
 Counted FLOP/s are also given as a fraction of this machine's own measured matmul peak in the same dtype.
 The baseline is how the article's code trains: the fp32 vision encoder per sample inside the loop (its
-`Dataset.__getitem__`), batch 8, bf16 autocast in stage 2 only, logits everywhere, default kernels, no
-cache. Both use the same model sizes, prompts and answers, so `speedup` is a like-for-like ratio.
+`Dataset.__getitem__`), batch 8, bf16 autocast in stage 2 only, logits everywhere, PyTorch's dropout,
+default kernels, no cache. Both use the same model sizes, prompts and answers, so `speedup` is a like-for-like ratio.
 `--ablate` turns each fast path off alone, to show what each one is worth. `--compile` adds
 `torch.compile` to the fast recipe (as `train.compile=true` does), its compile time reported apart.
 """
@@ -31,7 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qvlm import precision
 from qvlm.config import ConfigError, QVLMConfig, get_preset
-from qvlm.models.objectives import Stage1Objective
+from qvlm.models.dropout import use_fast_dropout
+from qvlm.models.objectives import Stage1Objective, Stage2Objective
 from qvlm.models.processing import DEFAULT_CAPTION_PROMPT, build_stage2_batch
 from qvlm.models.vlm import QVLM
 from qvlm.train.optim import build_optimizer, stage1_param_groups, stage2_param_groups
@@ -53,18 +56,21 @@ class Recipe:
     bf16: bool = True  # autocast over the step (the baseline: stage 2 only, as the article)
     frozen_bf16: bool = True  # frozen LM weights stored in bf16, not re-cast at every call
     math_attention: bool = True  # CPU + bf16: matmul + softmax attention (see qvlm/precision.py)
-    labelled_logits: bool = True  # vocabulary projection only where targets are
+    labelled_logits: bool = True  # vocabulary projection only where targets, softmax only on labelled rows
+    fast_dropout: bool = True  # dropout masks from qvlm.models.dropout (PyTorch's CPU RNG costs 5x more)
+    lora_casts_off: bool = True  # under autocast: peft's LoRA input casts to fp32 left out
     fused_adamw: bool = True
     compile: bool = False  # torch.compile the forward (opt-in, as `train.compile`)
 
 
 # The article autocasts its LM to bf16 (stage 2) and trains the Q-Former in fp32 (stage 1).
 BASELINE = {2: Recipe(feature_cache=False, batch=8, frozen_bf16=False, math_attention=False,
-                      labelled_logits=False, fused_adamw=False)}
+                      labelled_logits=False, fast_dropout=False, lora_casts_off=False, fused_adamw=False)}
 BASELINE[1] = replace(BASELINE[2], bf16=False)
 ABLATIONS = {"feature_cache": "encoder per sample in the loop", "batch": "batch 8",
              "bf16": "fp32 (no bf16)", "frozen_bf16": "frozen LM kept fp32",
              "math_attention": "default attention kernel", "labelled_logits": "logits at every position",
+             "fast_dropout": "PyTorch's dropout", "lora_casts_off": "peft's LoRA input casts",
              "fused_adamw": "unfused AdamW", "compile": "not compiled"}
 
 
@@ -113,6 +119,17 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
+class _AllLogitsLoss(torch.nn.Module):
+    """The stage-2 model's forward with logits at every position, as `transformers` computes its loss."""
+
+    def __init__(self, model: QVLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, **tokens: torch.Tensor):
+        return self.model(features, **tokens, all_logits=True)
+
+
 class Bench:
     def __init__(self, config: QVLMConfig, device: torch.device, steps: int, warmup: int,
                  fast_batches: tuple[int, int], compile: bool = False):
@@ -129,7 +146,8 @@ class Bench:
     def fast(self, stage: int) -> Recipe:
         """What `qvlm train` does on this device in the stage's `mixed_precision` (qvlm/precision.py)."""
         bf16 = self.precision[stage] == "bf16"
-        return Recipe(bf16=bf16, frozen_bf16=bf16, math_attention=bf16 and stage == 2, compile=self.compile)
+        return Recipe(bf16=bf16, frozen_bf16=bf16, math_attention=bf16 and stage == 2, lora_casts_off=bf16,
+                      compile=self.compile)
 
     def matmul_peak(self, dtype: torch.dtype) -> float:
         """This machine's measured matmul FLOP/s in `dtype` (one large square product), measured once."""
@@ -168,6 +186,7 @@ class Bench:
         """
         stage_cfg = self.config.stage1 if stage == 1 else self.config.stage2
         optimizer = build_optimizer(params, stage_cfg, fused=recipe.fused_adamw)
+        use_fast_dropout(self.model, recipe.fast_dropout)
         cached = self._features(images, per_sample=False) if recipe.feature_cache else None
         module.train()
         if recipe.compile:
@@ -178,7 +197,8 @@ class Bench:
             features = cached if recipe.feature_cache else self._features(images, per_sample=True)
             kernels = (precision.attention_kernels(self.device, "bf16" if recipe.bf16 else "fp32", stage)
                        if recipe.math_attention else nullcontext())
-            with kernels, _autocast(self.device, recipe.bf16):
+            casts = precision.lora_input_casts_off(self.model, autocast=recipe.bf16 and recipe.lora_casts_off)
+            with kernels, casts, _autocast(self.device, recipe.bf16):
                 loss = loss_of(run, features)
             loss.backward()
             optimizer.step()
@@ -211,8 +231,11 @@ class Bench:
         tokens = {k: v.to(self.device) for k, v in tokens.items()}
         frozen = torch.bfloat16 if recipe.bf16 and recipe.frozen_bf16 else torch.float32
         precision.store_frozen_in(self.model.lm, frozen)
-        result = self._measure(2, recipe, self.model,
-                               lambda run, f: run(f, **tokens, all_logits=not recipe.labelled_logits).loss,
+        if recipe.labelled_logits:  # what `qvlm train` steps on
+            module = Stage2Objective(self.model, learn_description=self.config.lm.learn_description)
+        else:  # the article's: transformers' loss over logits at every position
+            module = _AllLogitsLoss(self.model)
+        result = self._measure(2, recipe, module, lambda run, f: run(f, **tokens).loss,
                                stage2_param_groups(self.model, self.config), batch, images)
         precision.store_frozen_in(self.model.lm, torch.float32)  # next recipe; bf16-rounded random weights time the same
         return {**result, "seq_len": tokens["input_ids"].shape[1]}
@@ -222,7 +245,7 @@ class Bench:
         fast, measure = self.fast(stage), (self.stage1 if stage == 1 else self.stage2)
         rows = {}
         for name, label in ABLATIONS.items():
-            if stage == 1 and name in ("frozen_bf16", "labelled_logits"):
+            if stage == 1 and name in ("frozen_bf16", "labelled_logits", "lora_casts_off"):
                 continue  # stage 1 has no LM
             if name == "batch":
                 variant = replace(fast, batch=8)

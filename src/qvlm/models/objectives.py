@@ -109,12 +109,14 @@ class Stage2Objective(nn.Module):
         out = self.model(features, input_ids, attention_mask, image_mask, labels, return_loss=False,
                          **qformer_text)
         targets = labels[:, -out.logits.shape[1]:]  # the last K positions, the ones the logits cover: [B, K]
-        per_token = F.cross_entropy(out.logits.float().transpose(1, 2), targets, ignore_index=IGNORE,
-                                    reduction="none")  # [B, K], 0 where ignored
-        is_answer = answer_positions(targets)
+        labelled = targets != IGNORE  # [B, K]
+        # Only the N labelled rows reach the fp32 softmax over the vocabulary: the window's padding
+        # rows would cost as much again in casts, softmax and its backward (docs/BENCHMARKS.md).
+        per_token = F.cross_entropy(out.logits[labelled].float(), targets[labelled], reduction="none")  # [N]
+        is_answer = answer_positions(targets)[labelled]  # [N]
         losses = {"answer": _mean_where(per_token, is_answer)}
         if self.learn_description:  # a part every batch has (0 without descriptions), so logs line up
-            losses["description"] = _mean_where(per_token, (targets != IGNORE) & ~is_answer)
+            losses["description"] = _mean_where(per_token, ~is_answer)
         return ObjectiveOutput.weighted(losses, {"answer": 1.0, "description": 1.0})
 
 

@@ -93,7 +93,7 @@ def not_run_reason(argv: list[str]) -> str | None:
 
 def tiny(argv: list[str]) -> list[str]:
     """The documented command on the tiny preset: quick, and nothing to download."""
-    argv = ["tiny" if a in ("offline", "paper") and argv[i - 1] == "--preset" and argv[0] != "info" else a
+    argv = ["tiny" if a in ("offline", "paper", "captions") and argv[i - 1] == "--preset" and argv[0] != "info" else a
             for i, a in enumerate(argv)]
     return [*argv, *TINY] if argv[0] == "train" else argv
 

@@ -8,7 +8,7 @@ from qvlm.cli.main import main
 from qvlm.config import ConfigError, QVLMConfig, get_preset
 
 
-@pytest.mark.parametrize("preset", ["paper", "offline", "tiny"])
+@pytest.mark.parametrize("preset", ["paper", "offline", "captions", "tiny"])
 def test_config_round_trips_json_and_yaml(preset, tmp_path):
     config = get_preset(preset)
     for name in ("c.json", "c.yaml"):
@@ -22,8 +22,12 @@ def test_unknown_keys_and_bad_values_are_rejected_clearly(tmp_path):
         QVLMConfig.load(tmp_path / "c.json")
     with pytest.raises(ConfigError, match="unknown config section 'stagee1'"):
         get_preset("tiny").override(["stagee1.lr_new=1"])
-    with pytest.raises(ConfigError, match="stage1.epochs expects int"):
+    with pytest.raises(ConfigError, match="stage1.epochs expects an integer or auto, got 'many'"):
         get_preset("tiny").override(["stage1.epochs=many"])
+    with pytest.raises(ConfigError, match="stage2.max_answer_tokens expects an integer, auto or null, got 'x'"):
+        get_preset("tiny").override(["stage2.max_answer_tokens=x"])
+    with pytest.raises(ConfigError, match="stage1.batch_size expects int, got 'auto'"):  # auto only where documented
+        get_preset("tiny").override(["stage1.batch_size=auto"])
     assert get_preset("tiny").override(["stage1.lr_new=1e-4"]).stage1.lr_new == 1e-4
     with pytest.raises(ConfigError, match="unknown preset"):
         get_preset("huge")

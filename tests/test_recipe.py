@@ -3,6 +3,7 @@ stage-2 validation metrics and the best checkpoint."""
 
 import importlib.util
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -212,11 +213,39 @@ class _Words:
 
 def test_stage2_says_before_training_what_the_answer_cap_cuts_and_which_cap_keeps_99_percent():
     answers = ["a"] * 90 + ["a b c d e f"] * 10  # 1 token at the median, 6 at the 99th percentile
-    assert stages.answer_lengths(answers, _Words(), 4) == (
+    counts = stages.answer_token_counts(answers, _Words())
+    assert stages.answer_lengths(counts, 4) == (
         "answers: 1 tokens at the median, 6 at the 99th percentile, 6 the longest; stage2.max_answer_tokens=4 "
         "cuts 10 of 100 (10.0%), trained without their EOS; --set stage2.max_answer_tokens=6 keeps 99% whole")
-    assert stages.answer_lengths(answers, _Words(), 8).endswith("max_answer_tokens=8: none cut")
-    assert stages.answer_lengths(answers, _Words(), None).endswith("max_answer_tokens=None: none cut")
+    assert stages.answer_lengths(counts, 8).endswith("max_answer_tokens=8: none cut")
+    assert stages.answer_lengths(counts, None).endswith("max_answer_tokens=None: none cut")
+
+
+def test_auto_epochs_and_answer_cap_come_from_the_data_are_printed_and_saved(shapes, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(stages.AUTO_EPOCH_SAMPLES, 2, 150)  # 80 training samples: 150 / 80 -> 2 epochs
+    out = tmp_path / "run"
+    assert main(["train", "stage2", "--preset", "tiny", "--data", str(shapes[0]), "--out", str(out),
+                 "--set", "stage2.epochs=auto", "--set", "stage2.max_answer_tokens=auto"]) == 0
+    model = QVLM.from_pretrained(out)
+    answers = [r.get("caption") or r["answer"] for r in map(json.loads, shapes[0].read_text().splitlines())]
+    counts = sorted(len(model.tokenizer(a, add_special_tokens=False).input_ids) for a in answers)
+    cap = counts[math.ceil(0.99 * len(counts)) - 1]  # nearest rank
+    assert counts[0] < cap  # the data has answers of different lengths, so the choice is visible
+    printed = capsys.readouterr().out
+    assert "stage2.epochs=auto: 2 epoch(s) of 80 samples (about 150 samples seen)" in printed
+    assert f"stage2.max_answer_tokens=auto: {cap} tokens keep 99% of the training answers whole" in printed
+    assert (model.config.stage2.epochs, model.config.stage2.max_answer_tokens) == (2, cap)  # saved as chosen
+    assert max(m["step"] for m in read_metrics(out) if "step" in m) == 2 * 80 // 4  # batch 4: 20 steps an epoch
+
+
+def test_auto_epochs_take_about_the_measured_samples_and_at_least_one_epoch():
+    config, said = get_preset("tiny"), []
+    printer = SimpleNamespace(print=said.append)
+    config.stage1.epochs = config.stage2.epochs = "auto"
+    stages._settle_epochs(config.stage1, 1, list(range(1_791)), printer)  # openclipart's training split
+    stages._settle_epochs(config.stage2, 2, list(range(100_000)), printer)
+    assert config.stage1.epochs == round(stages.AUTO_EPOCH_SAMPLES[1] / 1_791) and config.stage2.epochs == 1
+    assert said[1] == "stage2.epochs=auto: 1 epoch(s) of 100,000 samples (about 16,000 samples seen)"
 
 
 def test_keep_best_saves_the_lowest_val_loss_model_next_to_the_last(stage2_run, shapes, capsys):

@@ -71,6 +71,7 @@ def stage1(config: QVLMConfig, data: str, val: str | None, init: str | None, acc
     grouping captions by length would make contrastive negatives easier."""
     model = QVLM.build(config, stage=1).to(accelerator.device)
     train_set, val_set = _datasets(config, 1, data, val, model, accelerator, CaptionDataset)
+    _settle_epochs(config.stage1, 1, train_set, accelerator)
     return Stage(1, config.stage1, model, Stage1Objective(model, config), ("features", "captions", "image_keys"),
                  train_set, val_set, Stage1Collator(), _equal_lengths(train_set), stage1_param_groups(model, config))
 
@@ -85,8 +86,17 @@ def stage2(config: QVLMConfig, data: str, val: str | None, init: str | None, acc
         precision.store_frozen_in(model.lm, torch.bfloat16)
     make = partial(InstructionDataset, seed=config.train.seed, describe_first=config.lm.describe_first)
     train_set, val_set = _datasets(config, 2, data, val, model, accelerator, make)
+    _settle_epochs(s, 2, train_set, accelerator)
     if isinstance(train_set, InstructionDataset):
-        accelerator.print(answer_lengths([e.answer for e in train_set.entries], model.tokenizer, s.max_answer_tokens))
+        counts = answer_token_counts([e.answer for e in train_set.entries], model.tokenizer)
+        if s.max_answer_tokens == "auto":  # the saved config.json records the number chosen
+            s.max_answer_tokens = percentile(counts, 0.99)
+            accelerator.print(f"stage2.max_answer_tokens=auto: {s.max_answer_tokens} tokens keep 99% of the "
+                              "training answers whole")
+        accelerator.print(answer_lengths(counts, s.max_answer_tokens))
+    elif s.max_answer_tokens == "auto":
+        raise QVLMError("stage2.max_answer_tokens=auto reads every training answer first, which a stream "
+                        "(train.stream=true) does not; set a number of tokens")
         if config.lm.describe_first:
             accelerator.print(_described(train_set))
     learn_description = config.lm.describe_first and config.lm.learn_description
@@ -110,11 +120,40 @@ def stage2(config: QVLMConfig, data: str, val: str | None, init: str | None, acc
                  after_training=stats.report)
 
 
-def answer_lengths(answers: list[str], tokenizer, cap: int | None) -> str:
+# `stageN.epochs=auto`: epochs for about this many training samples seen, one at least. On ~1.8k
+# openclipart pairs (docs/BENCHMARKS.md, issue 15) stage-1 validation recall stopped rising after ~14k
+# samples, and stage-2 validation CIDEr-D was still rising at 9k. 1.8k pairs get 8-9 epochs, 50k one.
+AUTO_EPOCH_SAMPLES = {1: 14_000, 2: 16_000}
+
+
+def _settle_epochs(settings: Stage1Config | Stage2Config, number: int, train_set, accelerator: Accelerator) -> None:
+    """Replace `stageN.epochs=auto` by a number from the training set's size, and say so."""
+    if settings.epochs != "auto":
+        return
+    if isinstance(train_set, StreamingBatches):
+        raise QVLMError(f"stage{number}.epochs=auto counts the training samples, which a stream (train.stream="
+                        f"true) does not; a stream stops at stage{number}.max_steps: set a number of epochs")
+    target = AUTO_EPOCH_SAMPLES[number]
+    settings.epochs = max(1, round(target / len(train_set)))
+    accelerator.print(f"stage{number}.epochs=auto: {settings.epochs} epoch(s) of {len(train_set):,} samples "
+                      f"(about {target:,} samples seen)")
+
+
+def answer_token_counts(answers: list[str], tokenizer) -> list[int]:
+    """Each answer's length in the LM's tokens (no special tokens), sorted."""
+    return sorted(len(ids) for ids in tokenizer(answers, add_special_tokens=False).input_ids)
+
+
+def percentile(sorted_counts: list[int], q: float) -> int:
+    """The smallest count at or above a fraction `q` of `sorted_counts` (nearest rank)."""
+    return sorted_counts[math.ceil(q * len(sorted_counts)) - 1]
+
+
+def answer_lengths(counts: list[int], cap: int | None) -> str:
     """What `stage2.max_answer_tokens` does to this data, said before training: the answers' token
-    counts (median, 99th percentile, longest), how many the cap cuts, and the cap that keeps 99% whole."""
-    counts = sorted(len(ids) for ids in tokenizer(answers, add_special_tokens=False).input_ids)
-    p99 = counts[math.ceil(0.99 * len(counts)) - 1]
+    counts (sorted: median, 99th percentile, longest), how many the cap cuts, and the cap that keeps
+    99% whole."""
+    p99 = percentile(counts, 0.99)
     note = (f"answers: {counts[len(counts) // 2]} tokens at the median, {p99} at the 99th percentile, "
             f"{counts[-1]} the longest; stage2.max_answer_tokens={cap}")
     cut = sum(n > cap for n in counts) if cap is not None else 0

@@ -268,6 +268,12 @@ def test_bleu4_precision_by_hand():
     assert caption_scores(preds, refs)["bleu4"] == pytest.approx(math.prod(p) ** 0.25, rel=1e-6)
 
 
+def test_distinct_counts_different_captions_after_tokenising():
+    refs = {k: ["a cat"] for k in range(4)}
+    assert caption_scores({0: "A cat.", 1: "a cat", 2: "a dog", 3: "a bird"}, refs)["distinct"] == 3 / 4
+    assert caption_scores({k: "a cat" for k in range(4)}, refs)["distinct"] == 1 / 4
+
+
 def test_caption_scores_rejects_mismatched_ids():
     with pytest.raises(ValueError):
         caption_scores({1: "a"}, {2: ["a"]})

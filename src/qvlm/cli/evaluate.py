@@ -115,7 +115,9 @@ def format_table(result: dict[str, Any]) -> str:
         rows.append(("images / texts", f"{result['n_images']} / {result['n_texts']}"))
     elif task == "caption":
         rows += [("BLEU-4", f"{result['bleu4']:.4f}"), ("ROUGE-L", f"{result['rouge_l']:.4f}"),
-                 ("CIDEr-D", f"{result['cider']:.4f}"), ("images", str(result["n"]))]
+                 ("CIDEr-D", f"{result['cider']:.4f}"),
+                 ("distinct", f"{result['distinct']:.4f} (different captions / images)"),
+                 ("images", str(result["n"]))]
     else:
         rows += [("exact match", f"{100 * result['exact_match']:.2f}%"),
                  ("soft accuracy", f"{100 * result['soft_accuracy']:.2f}%"), ("questions", str(result["n"]))]

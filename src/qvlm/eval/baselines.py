@@ -402,7 +402,7 @@ def _shared_images(train: CaptionedImages, test: CaptionedImages) -> int:
 
 
 _CAPTION_COLUMNS = {"bleu4": "BLEU-4", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr-D",
-                    "spice": "SPICE"}
+                    "spice": "SPICE", "distinct": "distinct"}
 
 
 def format_baseline_table(result: dict[str, Any]) -> str:

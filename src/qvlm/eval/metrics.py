@@ -357,8 +357,9 @@ def caption_scores(
         references: {id: [reference captions]}; must have the same ids, each with >= 1 caption.
 
     Returns:
-        ``{"bleu4", "rouge_l", "cider", "n"}`` on the usual 0-1 scale (CIDEr: 0-10, COCO papers
-        print it x100). Captions are tokenised with :func:`ptb_tokenize` and scored with
+        ``{"bleu4", "rouge_l", "cider", "distinct", "n"}`` on the usual 0-1 scale (CIDEr: 0-10, COCO
+        papers print it x100); ``distinct`` is the number of different (tokenised) captions over the
+        number of images: a model that falls back on a few frequent captions shows it here first. Captions are tokenised with :func:`ptb_tokenize` and scored with
         pycocoevalcap's ``Bleu(4)`` (corpus-level, "closest" reference length), ``Rouge()``
         (mean sentence ROUGE-L, beta 1.2) and ``Cider()`` (CIDEr-D; IDF from the evaluated
         references, so it needs several images and a single image always scores 0).
@@ -385,4 +386,5 @@ def caption_scores(
     scores = {"bleu4": float(bleu[3]), "rouge_l": float(rouge), "cider": float(cider)}
     if not all(math.isfinite(v) for v in scores.values()):
         raise FloatingPointError(f"non-finite caption score: {scores}")
-    return {**scores, "n": len(res)}
+    distinct = len({caption for (caption,) in res.values()}) / len(res)
+    return {**scores, "distinct": distinct, "n": len(res)}

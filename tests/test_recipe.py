@@ -238,6 +238,12 @@ def test_auto_epochs_and_answer_cap_come_from_the_data_are_printed_and_saved(sha
     assert max(m["step"] for m in read_metrics(out) if "step" in m) == 2 * 80 // 4  # batch 4: 20 steps an epoch
 
 
+def test_describe_first_says_before_training_how_many_questions_train_behind_a_caption(shapes, tmp_path, capsys):
+    assert main(["train", "stage2", "--preset", "tiny", "--data", str(shapes[0]), "--out", str(tmp_path / "run"),
+                 "--set", "lm.describe_first=true", "--set", "stage2.max_steps=1"]) == 0
+    assert "lm.describe_first: 40 of 40 questions train behind a caption of their image" in capsys.readouterr().out
+
+
 def test_auto_epochs_take_about_the_measured_samples_and_at_least_one_epoch():
     config, said = get_preset("tiny"), []
     printer = SimpleNamespace(print=said.append)

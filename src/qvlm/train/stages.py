@@ -94,11 +94,11 @@ def stage2(config: QVLMConfig, data: str, val: str | None, init: str | None, acc
             accelerator.print(f"stage2.max_answer_tokens=auto: {s.max_answer_tokens} tokens keep 99% of the "
                               "training answers whole")
         accelerator.print(answer_lengths(counts, s.max_answer_tokens))
+        if config.lm.describe_first:
+            accelerator.print(_described(train_set))
     elif s.max_answer_tokens == "auto":
         raise QVLMError("stage2.max_answer_tokens=auto reads every training answer first, which a stream "
                         "(train.stream=true) does not; set a number of tokens")
-        if config.lm.describe_first:
-            accelerator.print(_described(train_set))
     learn_description = config.lm.describe_first and config.lm.learn_description
     collate = Stage2Collator(model.tokenizer, config.qformer.num_queries, config.lm.image_position,
                              config.lm.system_prompt, s.max_answer_tokens,

@@ -359,10 +359,11 @@ def caption_scores(
     Returns:
         ``{"bleu4", "rouge_l", "cider", "distinct", "n"}`` on the usual 0-1 scale (CIDEr: 0-10, COCO
         papers print it x100); ``distinct`` is the number of different (tokenised) captions over the
-        number of images: a model that falls back on a few frequent captions shows it here first. Captions are tokenised with :func:`ptb_tokenize` and scored with
-        pycocoevalcap's ``Bleu(4)`` (corpus-level, "closest" reference length), ``Rouge()``
-        (mean sentence ROUGE-L, beta 1.2) and ``Cider()`` (CIDEr-D; IDF from the evaluated
-        references, so it needs several images and a single image always scores 0).
+        number of images: a model that falls back on a few frequent captions shows it here first.
+        Captions are tokenised with :func:`ptb_tokenize` and scored with pycocoevalcap's ``Bleu(4)``
+        (corpus-level, "closest" reference length), ``Rouge()`` (mean sentence ROUGE-L, beta 1.2) and
+        ``Cider()`` (CIDEr-D; IDF from the evaluated references, so it needs several images and a
+        single image always scores 0).
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider

@@ -110,8 +110,8 @@ class Stage2Objective(nn.Module):
                          **qformer_text)
         targets = labels[:, -out.logits.shape[1]:]  # the last K positions, the ones the logits cover: [B, K]
         labelled = targets != IGNORE  # [B, K]
-        # Only the N labelled rows reach the fp32 softmax over the vocabulary: the window's padding
-        # rows would cost as much again in casts, softmax and its backward (docs/BENCHMARKS.md).
+        # Only the N labelled rows reach the fp32 softmax over the vocabulary: the window's padding rows
+        # would add their share of its casts, softmax and backward (docs/BENCHMARKS.md, issue 20).
         per_token = F.cross_entropy(out.logits[labelled].float(), targets[labelled], reduction="none")  # [N]
         is_answer = answer_positions(targets)[labelled]  # [N]
         losses = {"answer": _mean_where(per_token, is_answer)}

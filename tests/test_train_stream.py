@@ -38,6 +38,13 @@ def test_stream_needs_max_steps(shards, tmp_path, capsys):
     assert "set stage1.max_steps" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stage, setting", [("stage1", "stage1.epochs=auto"), ("stage2", "stage2.epochs=auto"),
+                                            ("stage2", "stage2.max_answer_tokens=auto")])
+def test_auto_values_that_count_the_data_ask_a_stream_for_a_number(shards, tmp_path, capsys, stage, setting):
+    assert _train(stage, shards, tmp_path / "r", setting, f"{stage}.max_steps=2") == 1
+    assert f"{setting} " in capsys.readouterr().err  # names the setting; "set a number" follows
+
+
 def test_streamed_stage1_online_equals_cached_and_stage2_trains(shards, tmp_path, capsys):
     """Online features are the cached ones up to fp16 rounding: same data order, nearly equal losses."""
     runs = {}

@@ -122,7 +122,8 @@ def stage2(config: QVLMConfig, data: str, val: str | None, init: str | None, acc
 
 # `stageN.epochs=auto`: epochs for about this many training samples seen, one at least. On ~1.8k
 # openclipart pairs (docs/BENCHMARKS.md, issue 15) stage-1 validation recall stopped rising after ~14k
-# samples, and stage-2 validation CIDEr-D was still rising at 9k. 1.8k pairs get 8-9 epochs, 50k one.
+# samples; stage-2 validation CIDEr-D peaked near 12k, while the test set favoured the run's end at 18k.
+# 1.8k pairs get 8-9 epochs, 50k one.
 AUTO_EPOCH_SAMPLES = {1: 14_000, 2: 16_000}
 
 
